@@ -10,11 +10,7 @@ use understudy_core::observed::NodeState;
 use understudy_core::{ClusterSpec, Observed, Time};
 
 #[derive(Parser)]
-#[command(
-    name = "understudy",
-    version,
-    about = "A failover cluster manager for Linux"
-)]
+#[command(name = "understudy", version, about = "A failover cluster manager for Linux")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -105,13 +101,7 @@ fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
-fn plan(
-    path: &Path,
-    down: &[String],
-    standby: &[String],
-    state: Option<&Path>,
-    json: bool,
-) -> Result<ExitCode> {
+fn plan(path: &Path, down: &[String], standby: &[String], state: Option<&Path>, json: bool) -> Result<ExitCode> {
     let Some(spec) = load(path)? else {
         return Ok(ExitCode::from(1));
     };
@@ -133,10 +123,7 @@ fn plan(
         for n in names {
             if !spec.nodes.iter().any(|x| &x.name == n) {
                 let known: Vec<&str> = spec.nodes.iter().map(|x| x.name.as_str()).collect();
-                bail!(
-                    "unknown node `{n}` (the definition's nodes are: {})",
-                    known.join(", ")
-                );
+                bail!("unknown node `{n}` (the definition's nodes are: {})", known.join(", "));
             }
             observed.nodes.insert(n.clone(), state);
         }

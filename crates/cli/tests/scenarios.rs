@@ -44,11 +44,7 @@ fn run(dir: &Path) -> String {
     let _ = writeln!(
         out,
         "# understudy plan cluster.toml{}",
-        if state_path.exists() {
-            " --state state.toml"
-        } else {
-            ""
-        }
+        if state_path.exists() { " --state state.toml" } else { "" }
     );
     let plan = understudy_core::plan(&spec, &observed, now);
     out.push_str(&understudy_core::render::plan_text(&plan));
@@ -72,11 +68,7 @@ fn golden_scenarios() {
         .filter(|p| p.join("cluster.toml").exists())
         .collect();
     dirs.sort();
-    assert!(
-        dirs.len() >= 30,
-        "expected at least 30 scenarios, found {}",
-        dirs.len()
-    );
+    assert!(dirs.len() >= 30, "expected at least 30 scenarios, found {}", dirs.len());
     let mut failures = Vec::new();
     for dir in &dirs {
         let actual = run(dir);

@@ -7,9 +7,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use toml::de::{DeTable, DeValue};
 use understudy_core::spec::{
-    ClusterSpec, CoordinatorSpec, EtcdSpec, Failback, FailoverPolicy, FsSpec, GroupSpec,
-    HealthCheck, IpSpec, Kind, MonitorSpec, NodeSpec, OnFail, PostgresSpec, ProcessSpec,
-    ResourceSpec, Role, ScriptSpec, Settings, SyncSpec, SystemdSpec,
+    ClusterSpec, CoordinatorSpec, EtcdSpec, Failback, FailoverPolicy, FsSpec, GroupSpec, HealthCheck, IpSpec, Kind,
+    MonitorSpec, NodeSpec, OnFail, PostgresSpec, ProcessSpec, ResourceSpec, Role, ScriptSpec, Settings, SyncSpec,
+    SystemdSpec,
 };
 use understudy_core::time::HumanDuration;
 
@@ -53,49 +53,21 @@ const COMMON_KEYS: &[&str] = &[
 const KINDS: &[(&str, &[&str])] = &[
     (
         "ip",
-        &[
-            "address",
-            "interface",
-            "announce",
-            "announce_repeat_after",
-            "probe",
-        ],
+        &["address", "interface", "announce", "announce_repeat_after", "probe"],
     ),
     (
         "fs",
-        &[
-            "device",
-            "mountpoint",
-            "fstype",
-            "options",
-            "fsck",
-            "directories",
-        ],
+        &["device", "mountpoint", "fstype", "options", "fsck", "directories"],
     ),
     (
         "process",
-        &[
-            "command",
-            "env",
-            "cwd",
-            "user",
-            "stop_signal",
-            "log",
-            "check",
-        ],
+        &["command", "env", "cwd", "user", "stop_signal", "log", "check"],
     ),
     ("systemd", &["unit"]),
     ("script", &["start", "stop", "status", "env", "cwd"]),
     (
         "postgres",
-        &[
-            "data_dir",
-            "port",
-            "bin_dir",
-            "user",
-            "database",
-            "socket_dir",
-        ],
+        &["data_dir", "port", "bin_dir", "user", "database", "socket_dir"],
     ),
     ("sync", &["paths"]),
 ];
@@ -118,9 +90,7 @@ pub fn check(text: &str) -> Checked {
     for e in &syntax {
         let span = e.span().unwrap_or(0..0);
         ctx.error("E001", span, format!("TOML syntax: {}", e.message().trim()))
-            .hint(
-                "see https://toml.io for the syntax; strings need quotes, tables need [brackets]",
-            );
+            .hint("see https://toml.io for the syntax; strings need quotes, tables need [brackets]");
     }
     if !syntax.is_empty() {
         return finish(ctx, None);
@@ -263,8 +233,9 @@ fn read_coordinator(ctx: &mut Ctx, v: &DeValue<'_>, span: Range<usize>) -> Coord
     match v {
         DeValue::String(s) if s == "embedded" => embedded,
         DeValue::String(s) => {
-            ctx.error("E012", span, format!("unknown coordinator `{s}`"))
-                .hint("use `coordinator = \"embedded\"` or `coordinator = { etcd = { endpoints = [\"10.0.0.1:2379\"] } }`");
+            ctx.error("E012", span, format!("unknown coordinator `{s}`")).hint(
+                "use `coordinator = \"embedded\"` or `coordinator = { etcd = { endpoints = [\"10.0.0.1:2379\"] } }`",
+            );
             embedded
         }
         DeValue::Table(t) => {
@@ -300,9 +271,7 @@ fn read_coordinator(ctx: &mut Ctx, v: &DeValue<'_>, span: Range<usize>) -> Coord
                     .req_str_array(ctx, "endpoints", "`endpoints = [\"10.0.0.1:2379\"]`")
                     .map(|a| a.v.into_iter().map(|s| s.v).collect::<Vec<_>>())
                     .unwrap_or_default();
-                let get = |ctx: &mut Ctx, k: &str| {
-                    e.str(ctx, k, &format!("`{k} = \"/path\"`")).map(|s| s.v)
-                };
+                let get = |ctx: &mut Ctx, k: &str| e.str(ctx, k, &format!("`{k} = \"/path\"`")).map(|s| s.v);
                 let spec = EtcdSpec {
                     endpoints,
                     prefix: e
@@ -315,20 +284,12 @@ fn read_coordinator(ctx: &mut Ctx, v: &DeValue<'_>, span: Range<usize>) -> Coord
                     password_file: get(ctx, "password_file"),
                 };
                 if spec.cert_file.is_some() != spec.key_file.is_some() {
-                    ctx.error(
-                        "E012",
-                        e.span.clone(),
-                        "`cert_file` and `key_file` go together",
-                    )
-                    .hint("give both for client certificate authentication, or neither");
+                    ctx.error("E012", e.span.clone(), "`cert_file` and `key_file` go together")
+                        .hint("give both for client certificate authentication, or neither");
                 }
                 if spec.username.is_some() != spec.password_file.is_some() {
-                    ctx.error(
-                        "E012",
-                        e.span.clone(),
-                        "`username` and `password_file` go together",
-                    )
-                    .hint("give both for password authentication, or neither");
+                    ctx.error("E012", e.span.clone(), "`username` and `password_file` go together")
+                        .hint("give both for password authentication, or neither");
                 }
                 return CoordinatorSpec::Etcd(spec);
             }
@@ -338,10 +299,7 @@ fn read_coordinator(ctx: &mut Ctx, v: &DeValue<'_>, span: Range<usize>) -> Coord
             ctx.error(
                 "E011",
                 span,
-                format!(
-                    "`coordinator` must be a string or a table, found {}",
-                    type_name(other)
-                ),
+                format!("`coordinator` must be a string or a table, found {}", type_name(other)),
             )
             .hint("write `coordinator = \"embedded\"`");
             embedded
@@ -376,11 +334,7 @@ fn read_nodes(ctx: &mut Ctx, root: &Obj<'_, '_>, end: Range<usize>) -> Vec<RawNo
         let what = format!("node `{}`", name.v);
         let o = Obj::new(t, name.span.clone(), what.clone());
         let address = if o.get("address").is_none() {
-            o.missing(
-                ctx,
-                "address",
-                "`address = \"10.0.0.1/24\"` (its address and subnet)",
-            );
+            o.missing(ctx, "address", "`address = \"10.0.0.1/24\"` (its address and subnet)");
             None
         } else {
             o.ipnet(ctx, "address", "`address = \"10.0.0.1/24\"`")
@@ -402,12 +356,8 @@ fn read_nodes(ctx: &mut Ctx, root: &Obj<'_, '_>, end: Range<usize>) -> Vec<RawNo
             }
         }
         if nodes.iter().any(|n| n.name.v == name.v) {
-            ctx.error(
-                "E003",
-                name.span.clone(),
-                format!("duplicate node name `{}`", name.v),
-            )
-            .hint("every `[[node]]` needs its own name");
+            ctx.error("E003", name.span.clone(), format!("duplicate node name `{}`", name.v))
+                .hint("every `[[node]]` needs its own name");
             continue;
         }
         nodes.push(RawNode {
@@ -434,12 +384,8 @@ fn read_groups(ctx: &mut Ctx, root: &Obj<'_, '_>, nodes: &[RawNode]) -> Vec<RawG
         let name = Sp::new(key.get_ref().to_string(), key.span());
         check_name(ctx, &name, "group");
         let DeValue::Table(gt) = gv.get_ref() else {
-            ctx.error(
-                "E011",
-                gv.span(),
-                format!("group `{}` must be a table", name.v),
-            )
-            .hint(format!("declare it with a `[group.{}]` header", name.v));
+            ctx.error("E011", gv.span(), format!("group `{}` must be a table", name.v))
+                .hint(format!("declare it with a `[group.{}]` header", name.v));
             continue;
         };
         let gi = groups.len();
@@ -448,13 +394,7 @@ fn read_groups(ctx: &mut Ctx, root: &Obj<'_, '_>, nodes: &[RawNode]) -> Vec<RawG
     groups
 }
 
-fn read_group(
-    ctx: &mut Ctx,
-    gi: usize,
-    name: Sp<String>,
-    gt: &DeTable<'_>,
-    nodes: &[RawNode],
-) -> RawGroup {
+fn read_group(ctx: &mut Ctx, gi: usize, name: Sp<String>, gt: &DeTable<'_>, nodes: &[RawNode]) -> RawGroup {
     let what = format!("group `{}`", name.v);
     let o = Obj::new(gt, name.span.clone(), what.clone());
     o.check_keys(ctx, GROUP_KEYS, |k| {
@@ -472,39 +412,39 @@ fn read_group(
             None
         }
     });
-    let description = o
-        .str(ctx, "description", "`description = \"…\"`")
-        .map(|s| s.v);
-    let node_list = o.str_array(ctx, "nodes", "`nodes = [\"node1\", \"node2\"]`").map(|arr| {
-        if arr.v.is_empty() {
-            ctx.error("E012", arr.span.clone(), format!("{what} lists no node"))
-                .hint("list the nodes that may run it, most preferred first, or leave `nodes` out for all nodes");
-        }
-        let mut seen: HashSet<&str> = HashSet::new();
-        for n in &arr.v {
-            if !seen.insert(n.v.as_str()) {
-                ctx.error("E003", n.span.clone(), format!("node `{}` is listed twice in {what}", n.v))
+    let description = o.str(ctx, "description", "`description = \"…\"`").map(|s| s.v);
+    let node_list = o
+        .str_array(ctx, "nodes", "`nodes = [\"node1\", \"node2\"]`")
+        .map(|arr| {
+            if arr.v.is_empty() {
+                ctx.error("E012", arr.span.clone(), format!("{what} lists no node"))
+                    .hint("list the nodes that may run it, most preferred first, or leave `nodes` out for all nodes");
+            }
+            let mut seen: HashSet<&str> = HashSet::new();
+            for n in &arr.v {
+                if !seen.insert(n.v.as_str()) {
+                    ctx.error(
+                        "E003",
+                        n.span.clone(),
+                        format!("node `{}` is listed twice in {what}", n.v),
+                    )
                     .hint("list each node once, most preferred first");
-            } else if !nodes.iter().any(|x| x.name.v == n.v) {
-                let d = ctx.error("E004", n.span.clone(), format!("{what} lists unknown node `{}`", n.v));
-                match did_you_mean(&n.v, nodes.iter().map(|x| x.name.v.as_str())) {
-                    Some(s) => d.hint(format!("did you mean `{s}`?")),
-                    None => d.hint("declare the node with `[[node]]` first"),
+                } else if !nodes.iter().any(|x| x.name.v == n.v) {
+                    let d = ctx.error("E004", n.span.clone(), format!("{what} lists unknown node `{}`", n.v));
+                    match did_you_mean(&n.v, nodes.iter().map(|x| x.name.v.as_str())) {
+                        Some(s) => d.hint(format!("did you mean `{s}`?")),
+                        None => d.hint("declare the node with `[[node]]` first"),
+                    }
                 }
             }
-        }
-        arr.v
-    });
+            arr.v
+        });
     let failback = match o.choice(ctx, "failback", &["manual", "auto"]) {
         Some(s) if s.v == "auto" => Failback::Auto,
         _ => Failback::Manual,
     };
     let mut failover = FailoverPolicy::default();
-    if let Some(f) = o.table(
-        ctx,
-        "failover",
-        "`failover = { threshold = 3, within = \"1h\" }`",
-    ) {
+    if let Some(f) = o.table(ctx, "failover", "`failover = { threshold = 3, within = \"1h\" }`") {
         f.check_keys(ctx, &["threshold", "within"], |_| None);
         if let Some(t) = f.uint(ctx, "threshold", 1000, "`threshold = 3`") {
             failover.threshold = u32::try_from(t.v).unwrap_or(1000);
@@ -523,17 +463,17 @@ fn read_group(
             Some(read_monitor_fields(ctx, &m, MonitorSpec::default()).0)
         }
         other => {
-            ctx.error("E011", v.span(), format!("`monitor` of {what} must be a table, found {}", type_name(other)))
-                .hint("write `monitor = { interval = \"5s\", timeout = \"3s\", restarts = 3, within = \"10m\" }`");
+            ctx.error(
+                "E011",
+                v.span(),
+                format!("`monitor` of {what} must be a table, found {}", type_name(other)),
+            )
+            .hint("write `monitor = { interval = \"5s\", timeout = \"3s\", restarts = 3, within = \"10m\" }`");
             None
         }
     });
-    let start_timeout = o
-        .duration(ctx, "start_timeout")
-        .map_or(DEFAULT_START_TIMEOUT, |d| d.v);
-    let stop_timeout = o
-        .duration(ctx, "stop_timeout")
-        .map_or(DEFAULT_STOP_TIMEOUT, |d| d.v);
+    let start_timeout = o.duration(ctx, "start_timeout").map_or(DEFAULT_START_TIMEOUT, |d| d.v);
+    let stop_timeout = o.duration(ctx, "stop_timeout").map_or(DEFAULT_STOP_TIMEOUT, |d| d.v);
     let defaults = ResourceDefaults {
         monitor: group_monitor.unwrap_or_default(),
         start_timeout,
@@ -547,18 +487,12 @@ fn read_group(
                     let rname = Sp::new(rkey.get_ref().to_string(), rkey.span());
                     check_name(ctx, &rname, "resource");
                     match v.get_ref() {
-                        DeValue::Table(t) => {
-                            resources.push(read_resource(ctx, gi, rname, t, &defaults))
-                        }
+                        DeValue::Table(t) => resources.push(read_resource(ctx, gi, rname, t, &defaults)),
                         other => {
                             ctx.error(
                                 "E011",
                                 v.span(),
-                                format!(
-                                    "resource `{}` must be a table, found {}",
-                                    rname.v,
-                                    type_name(other)
-                                ),
+                                format!("resource `{}` must be a table, found {}", rname.v, type_name(other)),
                             )
                             .hint(format!(
                                 "declare it with a `[group.{}.resource.{}]` header",
@@ -572,28 +506,15 @@ fn read_group(
                 ctx.error(
                     "E011",
                     rv.span(),
-                    format!(
-                        "`resource` of {what} must be a table, found {}",
-                        type_name(other)
-                    ),
+                    format!("`resource` of {what} must be a table, found {}", type_name(other)),
                 )
-                .hint(format!(
-                    "declare resources with `[group.{}.resource.NAME]`",
-                    name.v
-                ));
+                .hint(format!("declare resources with `[group.{}.resource.NAME]`", name.v));
             }
         }
     }
     if resources.is_empty() {
-        ctx.warn(
-            "W008",
-            name.span.clone(),
-            format!("{what} has no resources"),
-        )
-        .hint(format!(
-            "add resources with `[group.{}.resource.NAME]`",
-            name.v
-        ));
+        ctx.warn("W008", name.span.clone(), format!("{what} has no resources"))
+            .hint(format!("add resources with `[group.{}.resource.NAME]`", name.v));
     }
     RawGroup {
         name,
@@ -613,11 +534,7 @@ struct ResourceDefaults {
 }
 
 /// Reads monitor fields over `base`; also returns the span of an explicit `on_fail`.
-fn read_monitor_fields(
-    ctx: &mut Ctx,
-    m: &Obj<'_, '_>,
-    base: MonitorSpec,
-) -> (MonitorSpec, Option<Range<usize>>) {
+fn read_monitor_fields(ctx: &mut Ctx, m: &Obj<'_, '_>, base: MonitorSpec) -> (MonitorSpec, Option<Range<usize>>) {
     m.check_keys(ctx, MONITOR_KEYS, |_| None);
     let mut spec = base;
     if let Some(d) = m.duration(ctx, "interval") {
@@ -680,11 +597,7 @@ fn read_resource(
 ) -> RawResource {
     let what = format!("resource `{}`", name.v);
     let o = Obj::new(t, name.span.clone(), what.clone());
-    let kind_name = o.choice(
-        ctx,
-        "kind",
-        &KINDS.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
-    );
+    let kind_name = o.choice(ctx, "kind", &KINDS.iter().map(|(k, _)| *k).collect::<Vec<_>>());
     if o.get("kind").is_none() {
         o.missing(
             ctx,
@@ -697,11 +610,7 @@ fn read_resource(
         .and_then(|k| KINDS.iter().find(|(n, _)| *n == k.v))
         .map_or(&[], |(_, keys)| keys);
     if kind_name.is_some() {
-        let allowed: Vec<&str> = COMMON_KEYS
-            .iter()
-            .chain(kind_keys.iter())
-            .copied()
-            .collect();
+        let allowed: Vec<&str> = COMMON_KEYS.iter().chain(kind_keys.iter()).copied().collect();
         o.check_keys(ctx, &allowed, kind_of_key);
     }
     let description = o
@@ -712,15 +621,17 @@ fn read_resource(
         .map(|a| a.v)
         .unwrap_or_default();
     let optional = o.bool(ctx, "optional").is_some_and(|b| b.v);
-    let enabled = o
-        .bool(ctx, "enabled")
-        .unwrap_or(Sp::new(true, name.span.clone()));
+    let enabled = o.bool(ctx, "enabled").unwrap_or(Sp::new(true, name.span.clone()));
     let clone = o.bool(ctx, "clone");
     let monitor_only = o.bool(ctx, "monitor_only");
     let role = match (&clone, &monitor_only) {
         (Some(c), Some(m)) if c.v && m.v => {
-            ctx.error("E013", m.span.clone(), format!("{what} cannot be both a clone and monitor-only"))
-                .hint("a clone is started on every node; a monitor-only resource is never started: pick one");
+            ctx.error(
+                "E013",
+                m.span.clone(),
+                format!("{what} cannot be both a clone and monitor-only"),
+            )
+            .hint("a clone is started on every node; a monitor-only resource is never started: pick one");
             Sp::new(Role::Managed, name.span.clone())
         }
         (Some(c), _) if c.v => Sp::new(Role::Clone, c.span.clone()),
@@ -742,18 +653,21 @@ fn read_resource(
                 (Some(spec), span)
             }
             other => {
-                ctx.error("E011", v.span(), format!("`monitor` of {what} must be a table or false, found {}", type_name(other)))
-                    .hint("write `monitor = { interval = \"5s\" }`, or `monitor = false` to switch monitoring off");
+                ctx.error(
+                    "E011",
+                    v.span(),
+                    format!(
+                        "`monitor` of {what} must be a table or false, found {}",
+                        type_name(other)
+                    ),
+                )
+                .hint("write `monitor = { interval = \"5s\" }`, or `monitor = false` to switch monitoring off");
                 (Some(base), None)
             }
         },
     };
-    let start_timeout = o
-        .duration(ctx, "start_timeout")
-        .map_or(defaults.start_timeout, |d| d.v);
-    let stop_timeout = o
-        .duration(ctx, "stop_timeout")
-        .map_or(defaults.stop_timeout, |d| d.v);
+    let start_timeout = o.duration(ctx, "start_timeout").map_or(defaults.start_timeout, |d| d.v);
+    let stop_timeout = o.duration(ctx, "stop_timeout").map_or(defaults.stop_timeout, |d| d.v);
     let mut ip_span = None;
     let kind = kind_name.and_then(|k| read_kind(ctx, &o, &k.v, &mut ip_span));
     RawResource {
@@ -773,21 +687,12 @@ fn read_resource(
     }
 }
 
-fn read_kind(
-    ctx: &mut Ctx,
-    o: &Obj<'_, '_>,
-    kind: &str,
-    ip_span: &mut Option<Range<usize>>,
-) -> Option<Kind> {
+fn read_kind(ctx: &mut Ctx, o: &Obj<'_, '_>, kind: &str, ip_span: &mut Option<Range<usize>>) -> Option<Kind> {
     let path = |ctx: &mut Ctx, key: &str, example: &str| o.str(ctx, key, example).map(|s| s.v);
     Some(match kind {
         "ip" => {
             let address = if o.get("address").is_none() {
-                o.missing(
-                    ctx,
-                    "address",
-                    "`address = \"10.0.0.100/24\"` (the floating address)",
-                );
+                o.missing(ctx, "address", "`address = \"10.0.0.100/24\"` (the floating address)");
                 None
             } else {
                 o.ipnet(ctx, "address", "`address = \"10.0.0.100/24\"`")
@@ -806,7 +711,11 @@ fn read_kind(
             })
         }
         "fs" => {
-            let device = o.req_str(ctx, "device", "`device = \"/dev/disk/by-uuid/…\"`, `device = \"UUID=…\"` or `device = \"LABEL=…\"`");
+            let device = o.req_str(
+                ctx,
+                "device",
+                "`device = \"/dev/disk/by-uuid/…\"`, `device = \"UUID=…\"` or `device = \"LABEL=…\"`",
+            );
             let mountpoint = o.req_str(ctx, "mountpoint", "`mountpoint = \"/srv/shared\"`");
             let options = match o.get("options").map(|v| v.get_ref()) {
                 Some(DeValue::String(s)) => s
@@ -875,24 +784,16 @@ fn read_kind(
                     }
                     if let Some(t) = c.str(ctx, "tcp", "`tcp = \"127.0.0.1:8080\"`") {
                         if !t.v.contains(':') {
-                            ctx.error(
-                                "E012",
-                                t.span,
-                                format!("`tcp` check `{}` needs a port", t.v),
-                            )
-                            .hint("write it like `tcp = \"127.0.0.1:8080\"`");
+                            ctx.error("E012", t.span, format!("`tcp` check `{}` needs a port", t.v))
+                                .hint("write it like `tcp = \"127.0.0.1:8080\"`");
                             return None;
                         }
                         return Some(HealthCheck::Tcp(t.v));
                     }
                     let h = c.str(ctx, "http", "`http = \"http://127.0.0.1:8080/health\"`")?;
                     if !h.v.starts_with("http://") {
-                        ctx.error(
-                            "E012",
-                            h.span,
-                            format!("`http` check `{}` must be an http:// URL", h.v),
-                        )
-                        .hint("write it like `http = \"http://127.0.0.1:8080/health\"`");
+                        ctx.error("E012", h.span, format!("`http` check `{}` must be an http:// URL", h.v))
+                            .hint("write it like `http = \"http://127.0.0.1:8080/health\"`");
                         return None;
                     }
                     Some(HealthCheck::Http(h.v))
@@ -934,10 +835,7 @@ fn read_kind(
             let stop = o.command(ctx, "stop", !monitor_only);
             let status = o.command(ctx, "status", monitor_only);
             let (start, stop) = if monitor_only {
-                (
-                    start.or_else(|| Some(Vec::new())),
-                    stop.or_else(|| Some(Vec::new())),
-                )
+                (start.or_else(|| Some(Vec::new())), stop.or_else(|| Some(Vec::new())))
             } else {
                 (start, stop)
             };
@@ -957,10 +855,8 @@ fn read_kind(
                     .uint(ctx, "port", 65535, "`port = 5432`")
                     .map_or(5432, |p| u16::try_from(p.v).unwrap_or(5432)),
                 bin_dir: path(ctx, "bin_dir", "`bin_dir = \"/usr/lib/postgresql/15/bin\"`"),
-                user: path(ctx, "user", "`user = \"postgres\"`")
-                    .unwrap_or_else(|| "postgres".into()),
-                database: path(ctx, "database", "`database = \"postgres\"`")
-                    .unwrap_or_else(|| "postgres".into()),
+                user: path(ctx, "user", "`user = \"postgres\"`").unwrap_or_else(|| "postgres".into()),
+                database: path(ctx, "database", "`database = \"postgres\"`").unwrap_or_else(|| "postgres".into()),
                 socket_dir: path(ctx, "socket_dir", "`socket_dir = \"/run/postgresql\"`"),
             })
         }
@@ -968,12 +864,8 @@ fn read_kind(
             let paths = o.req_str_array(ctx, "paths", "`paths = [\"/etc/app/settings.xml\"]`")?;
             for p in &paths.v {
                 if !p.v.starts_with('/') {
-                    ctx.error(
-                        "E012",
-                        p.span.clone(),
-                        format!("sync path `{}` must be absolute", p.v),
-                    )
-                    .hint("write it like `\"/etc/app/settings.xml\"`");
+                    ctx.error("E012", p.span.clone(), format!("sync path `{}` must be absolute", p.v))
+                        .hint("write it like `\"/etc/app/settings.xml\"`");
                 }
             }
             Kind::Sync(SyncSpec {
@@ -1000,13 +892,7 @@ fn group_nodes(g: &RawGroup, nodes: &[RawNode]) -> Vec<String> {
     }
 }
 
-fn cross_check(
-    ctx: &mut Ctx,
-    settings: &Settings,
-    nodes: &[RawNode],
-    groups: &[RawGroup],
-    resources: &[RawResource],
-) {
+fn cross_check(ctx: &mut Ctx, settings: &Settings, nodes: &[RawNode], groups: &[RawGroup], resources: &[RawResource]) {
     // Unique resource names across the cluster.
     let mut by_name: HashMap<&str, usize> = HashMap::new();
     for (i, r) in resources.iter().enumerate() {
@@ -1026,11 +912,7 @@ fn cross_check(
     }
 
     // Co-location: known groups, no self reference, no cycle.
-    let group_index: HashMap<&str, usize> = groups
-        .iter()
-        .enumerate()
-        .map(|(i, g)| (g.name.v.as_str(), i))
-        .collect();
+    let group_index: HashMap<&str, usize> = groups.iter().enumerate().map(|(i, g)| (g.name.v.as_str(), i)).collect();
     let mut coloc_edges: Vec<Vec<usize>> = vec![Vec::new(); groups.len()];
     for (gi, g) in groups.iter().enumerate() {
         for p in &g.colocate_with {
@@ -1048,10 +930,7 @@ fn cross_check(
                     let d = ctx.error(
                         "E004",
                         p.span.clone(),
-                        format!(
-                            "group `{}` is co-located with unknown group `{}`",
-                            g.name.v, p.v
-                        ),
+                        format!("group `{}` is co-located with unknown group `{}`", g.name.v, p.v),
                     );
                     match did_you_mean(&p.v, groups.iter().map(|g| g.name.v.as_str())) {
                         Some(s) => d.hint(format!("did you mean `{s}`?")),
@@ -1107,7 +986,10 @@ fn cross_check(
                 ctx.error(
                     "E013",
                     d.span.clone(),
-                    format!("`{}` depends on monitor-only resource `{}`, which the cluster never starts", r.name.v, d.v),
+                    format!(
+                        "`{}` depends on monitor-only resource `{}`, which the cluster never starts",
+                        r.name.v, d.v
+                    ),
                 )
                 .hint("remove the dependency; monitor-only resources are only checked");
                 continue;
@@ -1136,7 +1018,10 @@ fn cross_check(
                             r.name.v, rg.name.v, d.v, dg
                         ),
                     )
-                    .hint(format!("add `colocate_with = [\"{dg}\"]` to `[group.{}]`, or move the resource into one group", rg.name.v));
+                    .hint(format!(
+                        "add `colocate_with = [\"{dg}\"]` to `[group.{}]`, or move the resource into one group",
+                        rg.name.v
+                    ));
                 }
             }
         }
@@ -1151,10 +1036,7 @@ fn cross_check(
             ctx.error(
                 "E013",
                 span.clone(),
-                format!(
-                    "monitor-only `{}` cannot be restarted by the cluster",
-                    r.name.v
-                ),
+                format!("monitor-only `{}` cannot be restarted by the cluster", r.name.v),
             )
             .hint("use `on_fail = \"report\"` or `on_fail = \"failover\"`");
         }
@@ -1179,22 +1061,15 @@ fn cross_check(
         })
         .collect();
     for cycle in understudy_core::graph::cycles(&edges) {
-        let names: Vec<&str> = cycle
-            .iter()
-            .map(|&i| resources[i].name.v.as_str())
-            .collect();
+        let names: Vec<&str> = cycle.iter().map(|&i| resources[i].name.v.as_str()).collect();
         let first = &resources[cycle[0]];
         let span = first
             .depends_on
             .iter()
             .find(|d| d.v == resources[cycle[1]].name.v)
             .map_or(first.name.span.clone(), |d| d.span.clone());
-        ctx.error(
-            "E005",
-            span,
-            format!("dependency cycle: {}", names.join(" -> ")),
-        )
-        .hint("a resource cannot start before itself; remove one of these dependencies");
+        ctx.error("E005", span, format!("dependency cycle: {}", names.join(" -> ")))
+            .hint("a resource cannot start before itself; remove one of these dependencies");
     }
 
     // Addresses: floating IPs inside a node's subnet, at most N per node.
@@ -1205,16 +1080,15 @@ fn cross_check(
         };
         let g = &groups[r.group];
         let allowed = group_nodes(g, nodes);
-        let in_subnet = |n: &RawNode| {
-            n.address
-                .as_ref()
-                .is_some_and(|a| a.v.contains(&ip.address.addr()))
-        };
+        let in_subnet = |n: &RawNode| n.address.as_ref().is_some_and(|a| a.v.contains(&ip.address.addr()));
         if nodes.iter().all(|n| n.address.is_some()) && !nodes.iter().any(in_subnet) {
             ctx.error(
                 "E009",
                 span.clone(),
-                format!("floating IP {} of `{}` is outside every node's subnet", ip.address, r.name.v),
+                format!(
+                    "floating IP {} of `{}` is outside every node's subnet",
+                    ip.address, r.name.v
+                ),
             )
             .hint("pick an address in the subnet of the nodes that run the group, so their neighbours can reach it");
         } else {
@@ -1234,17 +1108,12 @@ fn cross_check(
                         outside.join(", ")
                     ),
                 )
-                .hint(
-                    "those nodes can carry the address but their neighbours may not reach it there",
-                );
+                .hint("those nodes can carry the address but their neighbours may not reach it there");
             }
         }
         if r.enabled.v {
             for n in &allowed {
-                per_node
-                    .entry(n.clone())
-                    .or_default()
-                    .push(r.name.v.as_str());
+                per_node.entry(n.clone()).or_default().push(r.name.v.as_str());
             }
         }
     }
@@ -1273,10 +1142,7 @@ fn cross_check(
             ctx.warn(
                 "W001",
                 g.name.span.clone(),
-                format!(
-                    "group `{}` can run on only one node; it cannot fail over",
-                    g.name.v
-                ),
+                format!("group `{}` can run on only one node; it cannot fail over", g.name.v),
             )
             .hint("list a second node in `nodes`");
         }

@@ -49,10 +49,7 @@ impl<'a> Source<'a> {
     /// 1-based line and column (in characters) of a byte offset.
     pub fn line_col(&self, offset: usize) -> (usize, usize) {
         let offset = offset.min(self.text.len());
-        let line = self
-            .line_starts
-            .partition_point(|&s| s <= offset)
-            .saturating_sub(1);
+        let line = self.line_starts.partition_point(|&s| s <= offset).saturating_sub(1);
         let start = self.line_starts[line];
         let col = self
             .text
@@ -63,15 +60,8 @@ impl<'a> Source<'a> {
 
     fn line_text(&self, line: usize) -> &str {
         let start = self.line_starts[line - 1];
-        let end = self
-            .line_starts
-            .get(line)
-            .copied()
-            .unwrap_or(self.text.len());
-        self.text
-            .get(start..end)
-            .unwrap_or("")
-            .trim_end_matches(['\n', '\r'])
+        let end = self.line_starts.get(line).copied().unwrap_or(self.text.len());
+        self.text.get(start..end).unwrap_or("").trim_end_matches(['\n', '\r'])
     }
 
     /// Renders one diagnostic the way `understudy check` prints it.
@@ -81,34 +71,20 @@ impl<'a> Source<'a> {
             Severity::Error => "error",
             Severity::Warning => "warning",
         };
-        let mut out = format!(
-            "{}:{line}:{col}: {level}[{}]: {}\n",
-            self.name, d.code, d.message
-        );
+        let mut out = format!("{}:{line}:{col}: {level}[{}]: {}\n", self.name, d.code, d.message);
         let text = self.line_text(line);
         let gutter = line.to_string().len();
         let _ = writeln!(out, "{:gutter$} |", "");
         let _ = writeln!(out, "{line} | {text}");
-        let span_end = d.span.end.min(
-            self.line_starts
-                .get(line)
-                .copied()
-                .unwrap_or(self.text.len()),
-        );
+        let span_end = d
+            .span
+            .end
+            .min(self.line_starts.get(line).copied().unwrap_or(self.text.len()));
         let width = self
             .text
             .get(d.span.start.min(span_end)..span_end)
-            .map_or(1, |s| {
-                s.trim_end_matches(['\n', '\r']).chars().count().max(1)
-            });
-        let _ = writeln!(
-            out,
-            "{:gutter$} | {:pad$}{}",
-            "",
-            "",
-            "^".repeat(width),
-            pad = col - 1
-        );
+            .map_or(1, |s| s.trim_end_matches(['\n', '\r']).chars().count().max(1));
+        let _ = writeln!(out, "{:gutter$} | {:pad$}{}", "", "", "^".repeat(width), pad = col - 1);
         if let Some(hint) = &d.hint {
             let _ = writeln!(out, "{:gutter$} = hint: {hint}", "");
         }
@@ -134,13 +110,7 @@ impl<'a> Source<'a> {
                 plural(warnings)
             );
         } else if warnings > 0 {
-            let _ = writeln!(
-                out,
-                "{}: ok, {} warning{}",
-                self.name,
-                warnings,
-                plural(warnings)
-            );
+            let _ = writeln!(out, "{}: ok, {} warning{}", self.name, warnings, plural(warnings));
         }
         out
     }
@@ -151,10 +121,7 @@ fn plural(n: usize) -> &'static str {
 }
 
 /// The closest of `candidates` to `word`, if close enough to suggest.
-pub fn did_you_mean<'c>(
-    word: &str,
-    candidates: impl IntoIterator<Item = &'c str>,
-) -> Option<&'c str> {
+pub fn did_you_mean<'c>(word: &str, candidates: impl IntoIterator<Item = &'c str>) -> Option<&'c str> {
     candidates
         .into_iter()
         .map(|c| (strsim::jaro_winkler(word, c), c))
@@ -178,10 +145,7 @@ mod tests {
 
     #[test]
     fn suggestions_only_when_close() {
-        assert_eq!(
-            did_you_mean("depend_on", ["depends_on", "kind"]),
-            Some("depends_on")
-        );
+        assert_eq!(did_you_mean("depend_on", ["depends_on", "kind"]), Some("depends_on"));
         assert_eq!(did_you_mean("zzz", ["depends_on", "kind"]), None);
     }
 }

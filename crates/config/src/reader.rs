@@ -30,31 +30,15 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    pub fn error(
-        &mut self,
-        code: &'static str,
-        span: Range<usize>,
-        message: impl Into<String>,
-    ) -> &mut Diagnostic {
+    pub fn error(&mut self, code: &'static str, span: Range<usize>, message: impl Into<String>) -> &mut Diagnostic {
         self.push(Severity::Error, code, span, message.into())
     }
 
-    pub fn warn(
-        &mut self,
-        code: &'static str,
-        span: Range<usize>,
-        message: impl Into<String>,
-    ) -> &mut Diagnostic {
+    pub fn warn(&mut self, code: &'static str, span: Range<usize>, message: impl Into<String>) -> &mut Diagnostic {
         self.push(Severity::Warning, code, span, message.into())
     }
 
-    fn push(
-        &mut self,
-        severity: Severity,
-        code: &'static str,
-        span: Range<usize>,
-        message: String,
-    ) -> &mut Diagnostic {
+    fn push(&mut self, severity: Severity, code: &'static str, span: Range<usize>, message: String) -> &mut Diagnostic {
         self.diags.push(Diagnostic {
             severity,
             code,
@@ -113,32 +97,19 @@ impl<'t, 'i> Obj<'t, 'i> {
 
     /// Reports every key not in `allowed` (E002), with a suggestion; `elsewhere`
     /// may explain where an unknown key belongs instead.
-    pub fn check_keys(
-        &self,
-        ctx: &mut Ctx,
-        allowed: &[&str],
-        elsewhere: impl Fn(&str) -> Option<String>,
-    ) {
+    pub fn check_keys(&self, ctx: &mut Ctx, allowed: &[&str], elsewhere: impl Fn(&str) -> Option<String>) {
         for (key, _) in self.table.iter() {
             let k: &str = key.get_ref();
             if allowed.contains(&k) {
                 continue;
             }
-            let d = ctx.error(
-                "E002",
-                key.span(),
-                format!("unknown key `{k}` in {}", self.what),
-            );
+            let d = ctx.error("E002", key.span(), format!("unknown key `{k}` in {}", self.what));
             if let Some(s) = did_you_mean(k, allowed.iter().copied()) {
                 d.hint(format!("did you mean `{s}`?"));
             } else if let Some(s) = elsewhere(k) {
                 d.hint(s);
             } else {
-                d.hint(format!(
-                    "the keys of {} are: {}",
-                    self.what,
-                    allowed.join(", ")
-                ));
+                d.hint(format!("the keys of {} are: {}", self.what, allowed.join(", ")));
             }
         }
     }
@@ -164,14 +135,7 @@ impl<'t, 'i> Obj<'t, 'i> {
             .map(|(k, _)| k.span())
     }
 
-    fn wrong_type(
-        &self,
-        ctx: &mut Ctx,
-        key: &str,
-        v: &Spanned<DeValue<'i>>,
-        expected: &str,
-        example: &str,
-    ) {
+    fn wrong_type(&self, ctx: &mut Ctx, key: &str, v: &Spanned<DeValue<'i>>, expected: &str, example: &str) {
         ctx.error(
             "E011",
             v.span(),
@@ -280,12 +244,7 @@ impl<'t, 'i> Obj<'t, 'i> {
         }
     }
 
-    pub fn str_array(
-        &self,
-        ctx: &mut Ctx,
-        key: &str,
-        example: &str,
-    ) -> Option<Sp<Vec<Sp<String>>>> {
+    pub fn str_array(&self, ctx: &mut Ctx, key: &str, example: &str) -> Option<Sp<Vec<Sp<String>>>> {
         let v = self.get(key)?;
         let DeValue::Array(items) = v.get_ref() else {
             self.wrong_type(ctx, key, v, "an array of strings", example);
@@ -314,12 +273,7 @@ impl<'t, 'i> Obj<'t, 'i> {
         ok.then(|| Sp::new(out, v.span()))
     }
 
-    pub fn req_str_array(
-        &self,
-        ctx: &mut Ctx,
-        key: &str,
-        example: &str,
-    ) -> Option<Sp<Vec<Sp<String>>>> {
+    pub fn req_str_array(&self, ctx: &mut Ctx, key: &str, example: &str) -> Option<Sp<Vec<Sp<String>>>> {
         if self.get(key).is_none() {
             self.missing(ctx, key, example);
             return None;
@@ -428,10 +382,7 @@ pub fn parse_ipnet(ctx: &mut Ctx, s: &Sp<String>, what: &str, example: &str) -> 
                 format!("{what} is not an address with a prefix length: `{}`", s.v),
             );
             if s.v.parse::<std::net::IpAddr>().is_ok() {
-                d.hint(format!(
-                    "add the prefix length of the subnet, e.g. `{}/24`",
-                    s.v
-                ));
+                d.hint(format!("add the prefix length of the subnet, e.g. `{}/24`", s.v));
             } else {
                 d.hint(format!("write it like {example}"));
             }
@@ -441,33 +392,21 @@ pub fn parse_ipnet(ctx: &mut Ctx, s: &Sp<String>, what: &str, example: &str) -> 
 }
 
 pub fn quoted(items: &[&str]) -> String {
-    items
-        .iter()
-        .map(|c| format!("`{c}`"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    items.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ")
 }
 
 /// Names end up in coordinator keys and command lines: keep them plain.
 pub fn check_name(ctx: &mut Ctx, name: &Sp<String>, what: &str) -> bool {
     let ok = !name.v.is_empty()
         && name.v.len() <= 63
-        && name
-            .v
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.v.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         && name
             .v
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if !ok {
-        ctx.error(
-            "E012",
-            name.span.clone(),
-            format!("invalid {what} name `{}`", name.v),
-        )
-        .hint("use 1 to 63 letters, digits, `-`, `_` or `.`, starting with a letter or digit");
+        ctx.error("E012", name.span.clone(), format!("invalid {what} name `{}`", name.v))
+            .hint("use 1 to 63 letters, digits, `-`, `_` or `.`, starting with a letter or digit");
     }
     ok
 }

@@ -25,9 +25,7 @@ pub fn parse_state(text: &str, spec: &ClusterSpec) -> Result<(Observed, Time), V
     let mut now = Time::ZERO;
     if syntax.is_empty() {
         let root = Obj::new(doc.get_ref(), 0..0, "the state file");
-        root.check_keys(&mut ctx, &["now", "maintenance", "nodes", "group"], |_| {
-            None
-        });
+        root.check_keys(&mut ctx, &["now", "maintenance", "nodes", "group"], |_| None);
         if let Some(d) = root.duration(&mut ctx, "now") {
             now = Time(millis(d.v));
         }
@@ -40,9 +38,7 @@ pub fn parse_state(text: &str, spec: &ClusterSpec) -> Result<(Observed, Time), V
                     unknown(&mut ctx, k.span(), "node", name, &node_names);
                     continue;
                 }
-                if let Some(s) =
-                    nodes.choice(&mut ctx, name, &["up", "down", "standby", "maintenance"])
-                {
+                if let Some(s) = nodes.choice(&mut ctx, name, &["up", "down", "standby", "maintenance"]) {
                     let state = match s.v.as_str() {
                         "down" => NodeState::Down,
                         "standby" => NodeState::Standby,
@@ -65,10 +61,7 @@ pub fn parse_state(text: &str, spec: &ClusterSpec) -> Result<(Observed, Time), V
                     ctx.error(
                         "E011",
                         v.span(),
-                        format!(
-                            "group `{name}` must be a table, found {}",
-                            type_name(v.get_ref())
-                        ),
+                        format!("group `{name}` must be a table, found {}", type_name(v.get_ref())),
                     );
                     continue;
                 };
@@ -101,7 +94,11 @@ pub fn parse_state(text: &str, spec: &ClusterSpec) -> Result<(Observed, Time), V
                     };
                     for item in items.iter() {
                         let DeValue::Table(ft) = item.get_ref() else {
-                            ctx.error("E011", item.span(), "each failure must be a table like `{ node = \"node1\", at = \"5m\" }`");
+                            ctx.error(
+                                "E011",
+                                item.span(),
+                                "each failure must be a table like `{ node = \"node1\", at = \"5m\" }`",
+                            );
                             continue;
                         };
                         let f = Obj::new(ft, item.span(), "a failure");
@@ -111,9 +108,7 @@ pub fn parse_state(text: &str, spec: &ClusterSpec) -> Result<(Observed, Time), V
                         if at.is_none() && f.get("at").is_none() {
                             f.missing(&mut ctx, "at", "`at = \"5m\"`");
                         }
-                        let resource = f
-                            .str(&mut ctx, "resource", "`resource = \"db\"`")
-                            .map(|s| s.v);
+                        let resource = f.str(&mut ctx, "resource", "`resource = \"db\"`").map(|s| s.v);
                         if let (Some(node), Some(at)) = (node, at) {
                             observed.group_mut(name).failures.push(Failure {
                                 node: node.v,
@@ -137,9 +132,6 @@ fn unknown(ctx: &mut Ctx, span: std::ops::Range<usize>, what: &str, name: &str, 
     let d = ctx.error("E004", span, format!("unknown {what} `{name}`"));
     match did_you_mean(name, known.iter().copied()) {
         Some(s) => d.hint(format!("did you mean `{s}`?")),
-        None => d.hint(format!(
-            "the definition's {what}s are: {}",
-            known.join(", ")
-        )),
+        None => d.hint(format!("the definition's {what}s are: {}", known.join(", "))),
     }
 }

@@ -107,11 +107,7 @@ impl<'a> Catalog<'a> {
                 Role::MonitorOnly => order.monitor_only.push(r.name.clone()),
             }
         }
-        let index: HashMap<&str, usize> = members
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.name.as_str(), i))
-            .collect();
+        let index: HashMap<&str, usize> = members.iter().enumerate().map(|(i, r)| (r.name.as_str(), i)).collect();
         let mut deps: Vec<Vec<usize>> = Vec::with_capacity(members.len());
         for r in &members {
             let mut local = Vec::new();
@@ -132,12 +128,8 @@ impl<'a> Catalog<'a> {
             }
             deps.push(local);
         }
-        let layers = layers(&deps).map_err(|stuck| {
-            stuck
-                .into_iter()
-                .map(|i| members[i].name.clone())
-                .collect::<Vec<_>>()
-        })?;
+        let layers =
+            layers(&deps).map_err(|stuck| stuck.into_iter().map(|i| members[i].name.clone()).collect::<Vec<_>>())?;
         order.start_waves = layers
             .into_iter()
             .map(|wave| wave.into_iter().map(|i| members[i].name.clone()).collect())
@@ -156,11 +148,7 @@ impl<'a> Catalog<'a> {
             .flat_map(|g| g.resources.iter())
             .filter(|r| r.enabled && r.role == Role::Clone)
             .collect();
-        let index: HashMap<&str, usize> = clones
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.name.as_str(), i))
-            .collect();
+        let index: HashMap<&str, usize> = clones.iter().enumerate().map(|(i, r)| (r.name.as_str(), i)).collect();
         let deps: Vec<Vec<usize>> = clones
             .iter()
             .map(|r| {
@@ -170,12 +158,8 @@ impl<'a> Catalog<'a> {
                     .collect()
             })
             .collect();
-        let layers = layers(&deps).map_err(|stuck| {
-            stuck
-                .into_iter()
-                .map(|i| clones[i].name.clone())
-                .collect::<Vec<_>>()
-        })?;
+        let layers =
+            layers(&deps).map_err(|stuck| stuck.into_iter().map(|i| clones[i].name.clone()).collect::<Vec<_>>())?;
         Ok(layers
             .into_iter()
             .map(|w| w.into_iter().map(|i| clones[i].name.clone()).collect())
@@ -325,16 +309,8 @@ fn strongly_connected(edges: &[Vec<usize>]) -> Vec<Vec<usize>> {
 /// Every dependency cycle among the cluster's resources (all roles, enabled
 /// or not), as closed paths of names.
 pub fn resource_cycles(spec: &ClusterSpec) -> Vec<Vec<String>> {
-    let all: Vec<&ResourceSpec> = spec
-        .groups
-        .iter()
-        .flat_map(|g| g.resources.iter())
-        .collect();
-    let index: HashMap<&str, usize> = all
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (r.name.as_str(), i))
-        .collect();
+    let all: Vec<&ResourceSpec> = spec.groups.iter().flat_map(|g| g.resources.iter()).collect();
+    let index: HashMap<&str, usize> = all.iter().enumerate().map(|(i, r)| (r.name.as_str(), i)).collect();
     let edges: Vec<Vec<usize>> = all
         .iter()
         .map(|r| {
@@ -365,10 +341,7 @@ mod tests {
     fn layers_use_the_longest_path() {
         // 3 depends on 0 directly and on 2 (which is two deep).
         let deps = vec![vec![], vec![0], vec![1], vec![0, 2]];
-        assert_eq!(
-            layers(&deps).unwrap(),
-            vec![vec![0], vec![1], vec![2], vec![3]]
-        );
+        assert_eq!(layers(&deps).unwrap(), vec![vec![0], vec![1], vec![2], vec![3]]);
     }
 
     #[test]

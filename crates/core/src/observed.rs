@@ -76,11 +76,7 @@ impl Observed {
     pub fn all_up(spec: &ClusterSpec) -> Observed {
         Observed {
             maintenance: false,
-            nodes: spec
-                .nodes
-                .iter()
-                .map(|n| (n.name.clone(), NodeState::Up))
-                .collect(),
+            nodes: spec.nodes.iter().map(|n| (n.name.clone(), NodeState::Up)).collect(),
             groups: BTreeMap::new(),
         }
     }

@@ -216,9 +216,7 @@ pub fn plan(spec: &ClusterSpec, observed: &Observed, now: Time) -> Plan {
                     nodes: g
                         .nodes
                         .iter()
-                        .filter(|n| {
-                            matches!(observed.node(n), NodeState::Up | NodeState::Maintenance)
-                        })
+                        .filter(|n| matches!(observed.node(n), NodeState::Up | NodeState::Maintenance))
                         .cloned()
                         .collect(),
                 })
@@ -254,9 +252,7 @@ fn placement_order(spec: &ClusterSpec) -> Vec<usize> {
     match crate::graph::layers(&deps) {
         Ok(layers) => layers.into_iter().flatten().collect(),
         Err(stuck) => {
-            let mut order: Vec<usize> = (0..spec.groups.len())
-                .filter(|i| !stuck.contains(i))
-                .collect();
+            let mut order: Vec<usize> = (0..spec.groups.len()).filter(|i| !stuck.contains(i)).collect();
             // The acyclic part still needs its partners first.
             let sub: Vec<Vec<usize>> = order
                 .iter()
@@ -352,11 +348,7 @@ fn place(
         }
         None
     };
-    let candidates: Vec<&String> = group
-        .nodes
-        .iter()
-        .filter(|n| why_not(n).is_none())
-        .collect();
+    let candidates: Vec<&String> = group.nodes.iter().filter(|n| why_not(n).is_none()).collect();
     let current_eligible = current
         .as_deref()
         .is_some_and(|c| group.nodes.iter().any(|n| n == c) && why_not(c).is_none());

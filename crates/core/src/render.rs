@@ -20,43 +20,21 @@ pub fn plan_text(plan: &Plan) -> String {
         };
         let _ = writeln!(out, "group {}: {} ({})", g.group, head, g.reason);
         let start_on = g.target.as_deref().unwrap_or("unplaced");
-        let stop_on = g
-            .current
-            .as_deref()
-            .or(g.target.as_deref())
-            .unwrap_or("unplaced");
+        let stop_on = g.current.as_deref().or(g.target.as_deref()).unwrap_or("unplaced");
         for (i, wave) in g.start_waves.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "  start wave {}: {} ({start_on})",
-                i + 1,
-                wave.join(", ")
-            );
+            let _ = writeln!(out, "  start wave {}: {} ({start_on})", i + 1, wave.join(", "));
         }
         for (i, wave) in g.stop_waves.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "  stop wave {}: {} ({stop_on})",
-                i + 1,
-                wave.join(", ")
-            );
+            let _ = writeln!(out, "  stop wave {}: {} ({stop_on})", i + 1, wave.join(", "));
         }
         if !g.monitor_only.is_empty() {
-            let _ = writeln!(
-                out,
-                "  monitor only: {} ({start_on})",
-                g.monitor_only.join(", ")
-            );
+            let _ = writeln!(out, "  monitor only: {} ({start_on})", g.monitor_only.join(", "));
         }
         if !g.disabled.is_empty() {
             let _ = writeln!(out, "  disabled: {}", g.disabled.join(", "));
         }
         for e in &g.external {
-            let what = if e.clone {
-                "clone instance"
-            } else {
-                "co-located"
-            };
+            let what = if e.clone { "clone instance" } else { "co-located" };
             let _ = writeln!(
                 out,
                 "  needs: {} before {} ({what}, group {})",

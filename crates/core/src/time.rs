@@ -114,9 +114,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "h" => 3_600_000,
             "d" => 86_400_000,
             "" => {
-                return Err(format!(
-                    "`{text}` has a number without a unit (use ms, s, m, h or d)"
-                ));
+                return Err(format!("`{text}` has a number without a unit (use ms, s, m, h or d)"));
             }
             other => return Err(format!("unknown unit `{other}` (use ms, s, m, h or d)")),
         };
