@@ -151,14 +151,14 @@ fn read(ctx: &mut Ctx, root: &Obj<'_, '_>, len: usize) -> Option<ClusterSpec> {
         }
     });
     let end = len.saturating_sub(1)..len;
-    let (name, settings) = match root.table(ctx, "cluster", "`[cluster]` with `name = \"…\"`") {
+    let (name, description, settings) = match root.table(ctx, "cluster", "`[cluster]` with `name = \"…\"`") {
         Some(c) => read_cluster(ctx, &c),
         None => {
             if root.get("cluster").is_none() {
                 ctx.error("E007", 0..0, "the definition has no `[cluster]` table")
                     .hint("start the file with `[cluster]` and `name = \"my-cluster\"`");
             }
-            (None, Settings::default())
+            (None, None, Settings::default())
         }
     };
     let nodes = read_nodes(ctx, root, end.clone());
@@ -171,27 +171,30 @@ fn read(ctx: &mut Ctx, root: &Obj<'_, '_>, len: usize) -> Option<ClusterSpec> {
     if ctx.has_errors() {
         return None;
     }
-    build(name?, settings, nodes, groups, resources)
+    build(name?, description, settings, nodes, groups, resources)
 }
 
-fn read_cluster(ctx: &mut Ctx, c: &Obj<'_, '_>) -> (Option<String>, Settings) {
+fn read_cluster(ctx: &mut Ctx, c: &Obj<'_, '_>) -> (Option<String>, Option<String>, Settings) {
     c.check_keys(ctx, CLUSTER_KEYS, |_| None);
     let mut s = Settings::default();
     let name = c.req_str(ctx, "name", "`name = \"my-cluster\"`");
     if let Some(n) = &name {
         check_name(ctx, n, "cluster");
     }
+    let description = c.str(ctx, "description", "`description = \"…\"`").map(|d| d.v);
     if let Some(v) = c.get("coordinator") {
         s.coordinator = read_coordinator(ctx, v.get_ref(), v.span());
     }
-    if let Some(d) = c.duration(ctx, "lease_ttl") {
-        s.lease_ttl = d.v;
-    }
-    if let Some(d) = c.duration(ctx, "renew_interval") {
-        s.renew_interval = d.v;
-    }
-    if let Some(d) = c.duration(ctx, "fence_margin") {
-        s.fence_margin = d.v;
+    let mut timing_parsed = true;
+    for (key, field) in [
+        ("lease_ttl", &mut s.lease_ttl),
+        ("renew_interval", &mut s.renew_interval),
+        ("fence_margin", &mut s.fence_margin),
+    ] {
+        match c.duration(ctx, key) {
+            Some(d) => *field = d.v,
+            None => timing_parsed &= c.get(key).is_none(),
+        }
     }
     if let Some(n) = c.uint(
         ctx,
@@ -204,17 +207,27 @@ fn read_cluster(ctx: &mut Ctx, c: &Obj<'_, '_>) -> (Option<String>, Settings) {
     // The self-fencing timing rule: an owner must be able to miss one renewal
     // and still renew before it has to fence itself.
     let needed = s.renew_interval * 2 + s.fence_margin;
-    if s.lease_ttl < needed || s.fence_margin.is_zero() || s.renew_interval.is_zero() {
+    let zero: Vec<&str> = [("renew_interval", s.renew_interval), ("fence_margin", s.fence_margin)]
+        .iter()
+        .filter(|(_, d)| d.is_zero())
+        .map(|(k, _)| *k)
+        .collect();
+    if timing_parsed && (s.lease_ttl < needed || !zero.is_empty()) {
         let span = c
             .key_span("lease_ttl")
             .or_else(|| c.key_span("renew_interval"))
             .or_else(|| c.key_span("fence_margin"))
             .unwrap_or(c.span.clone());
+        let also = if zero.is_empty() {
+            String::new()
+        } else {
+            format!(", and {} must be above zero", zero.join(" and "))
+        };
         ctx.error(
             "E014",
             span,
             format!(
-                "timing rule broken: 2 × renew_interval ({}) + fence_margin ({}) must be at most lease_ttl ({}), and both must be above zero",
+                "timing rule broken: 2 × renew_interval ({}) + fence_margin ({}) must be at most lease_ttl ({}){also}",
                 HumanDuration(s.renew_interval),
                 HumanDuration(s.fence_margin),
                 HumanDuration(s.lease_ttl)
@@ -225,7 +238,7 @@ fn read_cluster(ctx: &mut Ctx, c: &Obj<'_, '_>) -> (Option<String>, Settings) {
             HumanDuration(needed.max(Duration::from_millis(3)))
         ));
     }
-    (name.map(|n| n.v), s)
+    (name.map(|n| n.v), description, s)
 }
 
 fn read_coordinator(ctx: &mut Ctx, v: &DeValue<'_>, span: Range<usize>) -> CoordinatorSpec {
@@ -269,7 +282,27 @@ fn read_coordinator(ctx: &mut Ctx, v: &DeValue<'_>, span: Range<usize>) -> Coord
                 });
                 let endpoints = e
                     .req_str_array(ctx, "endpoints", "`endpoints = [\"10.0.0.1:2379\"]`")
-                    .map(|a| a.v.into_iter().map(|s| s.v).collect::<Vec<_>>())
+                    .map(|a| {
+                        if a.v.is_empty() {
+                            ctx.error("E012", a.span.clone(), "`endpoints` lists no etcd member")
+                                .hint("list every member's client address, e.g. `endpoints = [\"10.0.0.1:2379\"]`");
+                        }
+                        for ep in &a.v {
+                            let bare = ep.v.trim_start_matches("http://").trim_start_matches("https://");
+                            let ok = bare
+                                .rsplit_once(':')
+                                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+                            if !ok {
+                                ctx.error(
+                                    "E012",
+                                    ep.span.clone(),
+                                    format!("etcd endpoint `{}` is not host:port", ep.v),
+                                )
+                                .hint("write it like `\"10.0.0.1:2379\"`");
+                            }
+                        }
+                        a.v.into_iter().map(|s| s.v).collect::<Vec<_>>()
+                    })
                     .unwrap_or_default();
                 let get = |ctx: &mut Ctx, k: &str| e.str(ctx, k, &format!("`{k} = \"/path\"`")).map(|s| s.v);
                 let spec = EtcdSpec {
@@ -325,7 +358,11 @@ fn read_nodes(ctx: &mut Ctx, root: &Obj<'_, '_>, end: Range<usize>) -> Vec<RawNo
                 .hint("declare each node with its own `[[node]]` header");
             continue;
         };
-        let o = Obj::new(t, item.span(), format!("node #{}", i + 1));
+        let label = match t.get("name").map(|v| v.get_ref()) {
+            Some(DeValue::String(n)) => format!("node `{n}`"),
+            _ => format!("node #{}", i + 1),
+        };
+        let o = Obj::new(t, item.span(), label);
         o.check_keys(ctx, NODE_KEYS, |_| None);
         let Some(name) = o.req_str(ctx, "name", "`name = \"node1\"`") else {
             continue;
@@ -609,10 +646,17 @@ fn read_resource(
         .as_ref()
         .and_then(|k| KINDS.iter().find(|(n, _)| *n == k.v))
         .map_or(&[], |(_, keys)| keys);
-    if kind_name.is_some() {
-        let allowed: Vec<&str> = COMMON_KEYS.iter().chain(kind_keys.iter()).copied().collect();
-        o.check_keys(ctx, &allowed, kind_of_key);
-    }
+    let allowed: Vec<&str> = if kind_name.is_some() {
+        COMMON_KEYS.iter().chain(kind_keys.iter()).copied().collect()
+    } else {
+        // Without a known kind, still report keys that no kind accepts.
+        COMMON_KEYS
+            .iter()
+            .copied()
+            .chain(KINDS.iter().flat_map(|(_, keys)| keys.iter().copied()))
+            .collect()
+    };
+    o.check_keys(ctx, &allowed, kind_of_key);
     let description = o
         .str(ctx, "description", "`description = \"ESM Base Service\"`")
         .map(|s| s.v);
@@ -657,7 +701,7 @@ fn read_resource(
                     "E011",
                     v.span(),
                     format!(
-                        "`monitor` of {what} must be a table or false, found {}",
+                        "`monitor` of {what} must be a table, true or false, found {}",
                         type_name(other)
                     ),
                 )
@@ -688,27 +732,34 @@ fn read_resource(
 }
 
 fn read_kind(ctx: &mut Ctx, o: &Obj<'_, '_>, kind: &str, ip_span: &mut Option<Range<usize>>) -> Option<Kind> {
-    let path = |ctx: &mut Ctx, key: &str, example: &str| o.str(ctx, key, example).map(|s| s.v);
-    Some(match kind {
+    // Every setting is read before anything is given up on, so one run
+    // reports every problem of the resource.
+    let text = |ctx: &mut Ctx, key: &str, example: &str| o.str(ctx, key, example).map(|s| s.v);
+    match kind {
         "ip" => {
             let address = if o.get("address").is_none() {
                 o.missing(ctx, "address", "`address = \"10.0.0.100/24\"` (the floating address)");
                 None
             } else {
                 o.ipnet(ctx, "address", "`address = \"10.0.0.100/24\"`")
-            }?;
+            };
+            let interface = text(ctx, "interface", "`interface = \"eth0\"`");
+            let announce_count = o
+                .uint(ctx, "announce", 100, "`announce = 3`")
+                .map_or(3, |n| u32::try_from(n.v).unwrap_or(3));
+            let announce_repeat_after = o
+                .duration(ctx, "announce_repeat_after")
+                .map_or(Duration::from_secs(2), |d| d.v);
+            let probe = o.bool(ctx, "probe").is_none_or(|b| b.v);
+            let address = address?;
             *ip_span = Some(address.span.clone());
-            Kind::Ip(IpSpec {
+            Some(Kind::Ip(IpSpec {
                 address: address.v,
-                interface: path(ctx, "interface", "`interface = \"eth0\"`"),
-                announce_count: o
-                    .uint(ctx, "announce", 100, "`announce = 3`")
-                    .map_or(3, |n| u32::try_from(n.v).unwrap_or(3)),
-                announce_repeat_after: o
-                    .duration(ctx, "announce_repeat_after")
-                    .map_or(Duration::from_secs(2), |d| d.v),
-                probe: o.bool(ctx, "probe").is_none_or(|b| b.v),
-            })
+                interface,
+                announce_count,
+                announce_repeat_after,
+                probe,
+            }))
         }
         "fs" => {
             let device = o.req_str(
@@ -717,6 +768,9 @@ fn read_kind(ctx: &mut Ctx, o: &Obj<'_, '_>, kind: &str, ip_span: &mut Option<Ra
                 "`device = \"/dev/disk/by-uuid/…\"`, `device = \"UUID=…\"` or `device = \"LABEL=…\"`",
             );
             let mountpoint = o.req_str(ctx, "mountpoint", "`mountpoint = \"/srv/shared\"`");
+            if let Some(m) = &mountpoint {
+                absolute(ctx, m, "mount point", "`mountpoint = \"/srv/shared\"`");
+            }
             let options = match o.get("options").map(|v| v.get_ref()) {
                 Some(DeValue::String(s)) => s
                     .split(',')
@@ -745,86 +799,45 @@ fn read_kind(ctx: &mut Ctx, o: &Obj<'_, '_>, kind: &str, ip_span: &mut Option<Ra
                     a.v.into_iter().map(|s| s.v).collect()
                 })
                 .unwrap_or_default();
-            if let Some(m) = &mountpoint
-                && !m.v.starts_with('/')
-            {
-                ctx.error(
-                    "E012",
-                    m.span.clone(),
-                    format!("mount point `{}` must be an absolute path", m.v),
-                )
-                .hint("write it like `mountpoint = \"/srv/shared\"`");
-            }
-            Kind::Fs(FsSpec {
+            let fstype = text(ctx, "fstype", "`fstype = \"ext4\"`").unwrap_or_else(|| "ext4".into());
+            let fsck = o.bool(ctx, "fsck").is_none_or(|b| b.v);
+            Some(Kind::Fs(FsSpec {
                 device: device?.v,
                 mountpoint: mountpoint?.v,
-                fstype: path(ctx, "fstype", "`fstype = \"ext4\"`").unwrap_or_else(|| "ext4".into()),
+                fstype,
                 options,
-                fsck: o.bool(ctx, "fsck").is_none_or(|b| b.v),
+                fsck,
                 directories,
-            })
+            }))
         }
         "process" => {
             let command = o.command(ctx, "command", true);
-            let check = o
-                .table(ctx, "check", "`check = { tcp = \"127.0.0.1:8080\" }`")
-                .and_then(|c| {
-                    c.check_keys(ctx, &["command", "tcp", "http"], |_| None);
-                    if c.table.len() != 1 {
-                        ctx.error(
-                            "E012",
-                            c.span.clone(),
-                            "`check` must have exactly one of `command`, `tcp`, `http`",
-                        )
-                        .hint("write `check = { tcp = \"127.0.0.1:8080\" }`");
-                        return None;
-                    }
-                    if c.get("command").is_some() {
-                        return c.command(ctx, "command", true).map(HealthCheck::Command);
-                    }
-                    if let Some(t) = c.str(ctx, "tcp", "`tcp = \"127.0.0.1:8080\"`") {
-                        if !t.v.contains(':') {
-                            ctx.error("E012", t.span, format!("`tcp` check `{}` needs a port", t.v))
-                                .hint("write it like `tcp = \"127.0.0.1:8080\"`");
-                            return None;
-                        }
-                        return Some(HealthCheck::Tcp(t.v));
-                    }
-                    let h = c.str(ctx, "http", "`http = \"http://127.0.0.1:8080/health\"`")?;
-                    if !h.v.starts_with("http://") {
-                        ctx.error("E012", h.span, format!("`http` check `{}` must be an http:// URL", h.v))
-                            .hint("write it like `http = \"http://127.0.0.1:8080/health\"`");
-                        return None;
-                    }
-                    Some(HealthCheck::Http(h.v))
-                });
-            if let Some(cmd) = &command
-                && !cmd[0].starts_with('/')
-                && !cmd[0].starts_with("./")
-                && let Some(v) = o.get("command")
-            {
-                ctx.warn("W006", v.span(), format!("command `{}` is not an absolute path", cmd[0]))
-                    .hint("the agent does not search PATH the way a login shell does; give the full path, or `./…` for a path relative to this file");
-            }
-            Kind::Process(ProcessSpec {
+            warn_relative_command(ctx, o, "command", command.as_deref());
+            let check = read_check(ctx, o);
+            let env = o.string_map(ctx, "env");
+            let cwd = text(ctx, "cwd", "`cwd = \"/srv/app\"`");
+            let user = text(ctx, "user", "`user = \"app\"`");
+            let stop_signal = o
+                .choice(
+                    ctx,
+                    "stop_signal",
+                    &["TERM", "INT", "QUIT", "HUP", "USR1", "USR2", "KILL"],
+                )
+                .map_or_else(|| "TERM".into(), |s| s.v);
+            let log = text(ctx, "log", "`log = \"/var/log/app.log\"`");
+            Some(Kind::Process(ProcessSpec {
                 command: command?,
-                env: o.string_map(ctx, "env"),
-                cwd: path(ctx, "cwd", "`cwd = \"/srv/app\"`"),
-                user: path(ctx, "user", "`user = \"app\"`"),
-                stop_signal: o
-                    .choice(
-                        ctx,
-                        "stop_signal",
-                        &["TERM", "INT", "QUIT", "HUP", "USR1", "USR2", "KILL"],
-                    )
-                    .map_or_else(|| "TERM".into(), |s| s.v),
-                log: path(ctx, "log", "`log = \"/var/log/app.log\"`"),
+                env,
+                cwd,
+                user,
+                stop_signal,
+                log,
                 check,
-            })
+            }))
         }
         "systemd" => {
             let unit = o.req_str(ctx, "unit", "`unit = \"nginx.service\"`")?;
-            Kind::Systemd(SystemdSpec { unit: unit.v })
+            Some(Kind::Systemd(SystemdSpec { unit: unit.v }))
         }
         "script" => {
             // A monitor-only script is nothing but its status command.
@@ -834,46 +847,128 @@ fn read_kind(ctx: &mut Ctx, o: &Obj<'_, '_>, kind: &str, ip_span: &mut Option<Ra
             let start = o.command(ctx, "start", !monitor_only);
             let stop = o.command(ctx, "stop", !monitor_only);
             let status = o.command(ctx, "status", monitor_only);
+            for (key, cmd) in [("start", &start), ("stop", &stop), ("status", &status)] {
+                warn_relative_command(ctx, o, key, cmd.as_deref());
+            }
+            let env = o.string_map(ctx, "env");
+            let cwd = text(ctx, "cwd", "`cwd = \"/srv/app\"`");
             let (start, stop) = if monitor_only {
-                (start.or_else(|| Some(Vec::new())), stop.or_else(|| Some(Vec::new())))
+                (start.unwrap_or_default(), stop.unwrap_or_default())
             } else {
-                (start, stop)
+                (start?, stop?)
             };
-            Kind::Script(ScriptSpec {
-                start: start?,
-                stop: stop?,
+            Some(Kind::Script(ScriptSpec {
+                start,
+                stop,
                 monitor: status,
-                env: o.string_map(ctx, "env"),
-                cwd: path(ctx, "cwd", "`cwd = \"/srv/app\"`"),
-            })
+                env,
+                cwd,
+            }))
         }
         "postgres" => {
-            let data_dir = o.req_str(ctx, "data_dir", "`data_dir = \"/srv/shared/pgdata\"`")?;
-            Kind::Postgres(PostgresSpec {
-                data_dir: data_dir.v,
-                port: o
-                    .uint(ctx, "port", 65535, "`port = 5432`")
-                    .map_or(5432, |p| u16::try_from(p.v).unwrap_or(5432)),
-                bin_dir: path(ctx, "bin_dir", "`bin_dir = \"/usr/lib/postgresql/15/bin\"`"),
-                user: path(ctx, "user", "`user = \"postgres\"`").unwrap_or_else(|| "postgres".into()),
-                database: path(ctx, "database", "`database = \"postgres\"`").unwrap_or_else(|| "postgres".into()),
-                socket_dir: path(ctx, "socket_dir", "`socket_dir = \"/run/postgresql\"`"),
-            })
+            let data_dir = o.req_str(ctx, "data_dir", "`data_dir = \"/srv/shared/pgdata\"`");
+            if let Some(d) = &data_dir {
+                absolute(ctx, d, "data directory", "`data_dir = \"/srv/shared/pgdata\"`");
+            }
+            let port = o.uint(ctx, "port", 65535, "`port = 5432`");
+            if let Some(p) = &port
+                && p.v == 0
+            {
+                ctx.error("E012", p.span.clone(), "port 0 is not a port PostgreSQL can listen on")
+                    .hint("write it like `port = 5432`");
+            }
+            let bin_dir = text(ctx, "bin_dir", "`bin_dir = \"/usr/lib/postgresql/15/bin\"`");
+            let user = text(ctx, "user", "`user = \"postgres\"`").unwrap_or_else(|| "postgres".into());
+            let database = text(ctx, "database", "`database = \"postgres\"`").unwrap_or_else(|| "postgres".into());
+            let socket_dir = text(ctx, "socket_dir", "`socket_dir = \"/run/postgresql\"`");
+            Some(Kind::Postgres(PostgresSpec {
+                data_dir: data_dir?.v,
+                port: port.map_or(5432, |p| u16::try_from(p.v).unwrap_or(5432)),
+                bin_dir,
+                user,
+                database,
+                socket_dir,
+            }))
         }
         "sync" => {
             let paths = o.req_str_array(ctx, "paths", "`paths = [\"/etc/app/settings.xml\"]`")?;
-            for p in &paths.v {
-                if !p.v.starts_with('/') {
-                    ctx.error("E012", p.span.clone(), format!("sync path `{}` must be absolute", p.v))
-                        .hint("write it like `\"/etc/app/settings.xml\"`");
-                }
+            if paths.v.is_empty() {
+                ctx.error("E012", paths.span.clone(), "`paths` lists nothing to replicate")
+                    .hint("list the files or directories to copy to the other nodes");
             }
-            Kind::Sync(SyncSpec {
+            for p in &paths.v {
+                absolute(ctx, p, "sync path", "`\"/etc/app/settings.xml\"`");
+            }
+            Some(Kind::Sync(SyncSpec {
                 paths: paths.v.into_iter().map(|s| s.v).collect(),
-            })
+            }))
         }
-        _ => return None,
-    })
+        _ => None,
+    }
+}
+
+fn absolute(ctx: &mut Ctx, path: &Sp<String>, what: &str, example: &str) {
+    if !path.v.starts_with('/') {
+        ctx.error(
+            "E012",
+            path.span.clone(),
+            format!("{what} `{}` must be an absolute path", path.v),
+        )
+        .hint(format!("write it like {example}"));
+    }
+}
+
+/// W006: a command that relies on a search path the agent does not have.
+fn warn_relative_command(ctx: &mut Ctx, o: &Obj<'_, '_>, key: &str, command: Option<&[String]>) {
+    let Some(program) = command.and_then(|c| c.first()) else {
+        return;
+    };
+    if program.starts_with('/') || program.starts_with("./") {
+        return;
+    }
+    if let Some(v) = o.get(key) {
+        ctx.warn("W006", v.span(), format!("command `{program}` is not an absolute path"))
+            .hint("the agent does not search PATH the way a login shell does; give the full path, or `./…` for a path relative to this file");
+    }
+}
+
+/// A process's `check = { command | tcp | http }`.
+fn read_check(ctx: &mut Ctx, o: &Obj<'_, '_>) -> Option<HealthCheck> {
+    let c = o.table(ctx, "check", "`check = { tcp = \"127.0.0.1:8080\" }`")?;
+    c.check_keys(ctx, &["command", "tcp", "http"], |_| None);
+    if c.table.len() != 1 {
+        ctx.error(
+            "E012",
+            c.span.clone(),
+            "`check` must have exactly one of `command`, `tcp`, `http`",
+        )
+        .hint("write `check = { tcp = \"127.0.0.1:8080\" }`");
+        return None;
+    }
+    if c.get("command").is_some() {
+        let cmd = c.command(ctx, "command", true);
+        warn_relative_command(ctx, &c, "command", cmd.as_deref());
+        return cmd.map(HealthCheck::Command);
+    }
+    if let Some(t) = c.str(ctx, "tcp", "`tcp = \"127.0.0.1:8080\"`") {
+        if !t
+            .v
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        {
+            ctx.error("E012", t.span, format!("`tcp` check `{}` is not host:port", t.v))
+                .hint("write it like `tcp = \"127.0.0.1:8080\"`");
+            return None;
+        }
+        return Some(HealthCheck::Tcp(t.v));
+    }
+    let h = c.str(ctx, "http", "`http = \"http://127.0.0.1:8080/health\"`")?;
+    if !h.v.starts_with("http://") {
+        ctx.error("E012", h.span, format!("`http` check `{}` must be an http:// URL", h.v))
+            .hint("write it like `http = \"http://127.0.0.1:8080/health\"` (https is not supported by the check)");
+        return None;
+    }
+    Some(HealthCheck::Http(h.v))
 }
 
 /// The preference list of a group: as declared, or every node by priority.
@@ -1072,66 +1167,61 @@ fn cross_check(ctx: &mut Ctx, settings: &Settings, nodes: &[RawNode], groups: &[
             .hint("a resource cannot start before itself; remove one of these dependencies");
     }
 
-    // Addresses: floating IPs inside a node's subnet, at most N per node.
-    let mut per_node: BTreeMap<String, Vec<&str>> = BTreeMap::new();
-    for r in resources {
-        let (Some(Kind::Ip(ip)), Some(span)) = (&r.kind, &r.ip_span) else {
-            continue;
-        };
-        let g = &groups[r.group];
-        let allowed = group_nodes(g, nodes);
-        let in_subnet = |n: &RawNode| n.address.as_ref().is_some_and(|a| a.v.contains(&ip.address.addr()));
-        if nodes.iter().all(|n| n.address.is_some()) && !nodes.iter().any(in_subnet) {
-            ctx.error(
-                "E009",
-                span.clone(),
-                format!(
-                    "floating IP {} of `{}` is outside every node's subnet",
-                    ip.address, r.name.v
-                ),
-            )
-            .hint("pick an address in the subnet of the nodes that run the group, so their neighbours can reach it");
-        } else {
-            let outside: Vec<&str> = nodes
-                .iter()
-                .filter(|n| allowed.contains(&n.name.v) && n.address.is_some() && !in_subnet(n))
-                .map(|n| n.name.v.as_str())
-                .collect();
-            if !outside.is_empty() {
-                ctx.warn(
-                    "W003",
-                    span.clone(),
+    check_addresses(ctx, settings, nodes, groups, resources);
+
+    // Co-located groups must share a node; a group needing a clone should
+    // only list nodes where that clone runs.
+    for g in groups {
+        let mine = group_nodes(g, nodes);
+        for p in &g.colocate_with {
+            let Some(partner) = groups.iter().find(|x| x.name.v == p.v) else {
+                continue;
+            };
+            let theirs = group_nodes(partner, nodes);
+            if !mine.iter().any(|n| theirs.contains(n)) {
+                ctx.error(
+                    "E013",
+                    p.span.clone(),
                     format!(
-                        "floating IP {} of `{}` is outside the subnet of {}",
-                        ip.address,
-                        r.name.v,
-                        outside.join(", ")
+                        "group `{}` is co-located with `{}`, but they have no node in common",
+                        g.name.v, p.v
                     ),
                 )
-                .hint("those nodes can carry the address but their neighbours may not reach it there");
-            }
-        }
-        if r.enabled.v {
-            for n in &allowed {
-                per_node.entry(n.clone()).or_default().push(r.name.v.as_str());
+                .hint("co-located groups run on one node; list at least one node in both groups' `nodes`");
             }
         }
     }
-    for n in nodes {
-        let floating = per_node.get(&n.name.v).map_or(0, Vec::len);
-        let total = 1 + n.other.len() + floating;
-        if total > settings.max_addresses_per_node as usize {
-            ctx.error(
-                "E008",
-                n.name.span.clone(),
-                format!(
-                    "node `{}` may carry {total} addresses (1 own, {} other, {floating} floating), more than the limit of {} (S1.4)",
-                    n.name.v,
-                    n.other.len(),
-                    settings.max_addresses_per_node
-                ),
-            )
-            .hint("spread the groups over other nodes with `nodes = [...]`, or raise `max_addresses_per_node` if your software allows it");
+    for r in resources {
+        let rg = &groups[r.group];
+        for d in &r.depends_on {
+            let Some(dep) = resources.iter().find(|x| x.name.v == d.v) else {
+                continue;
+            };
+            if dep.role.v != Role::Clone || r.role.v == Role::Clone {
+                continue;
+            }
+            let clone_nodes = group_nodes(&groups[dep.group], nodes);
+            let missing: Vec<String> = group_nodes(rg, nodes)
+                .into_iter()
+                .filter(|n| !clone_nodes.contains(n))
+                .collect();
+            if !missing.is_empty() {
+                ctx.warn(
+                    "W004",
+                    d.span.clone(),
+                    format!(
+                        "`{}` needs clone `{}`, which never runs on {}; group `{}` cannot run there",
+                        r.name.v,
+                        d.v,
+                        missing.join(", "),
+                        rg.name.v
+                    ),
+                )
+                .hint(format!(
+                    "add those nodes to group `{}`'s `nodes`, or remove them from group `{}`",
+                    groups[dep.group].name.v, rg.name.v
+                ));
+            }
         }
     }
 
@@ -1149,8 +1239,130 @@ fn cross_check(ctx: &mut Ctx, settings: &Settings, nodes: &[RawNode], groups: &[
     }
 }
 
+/// Floating IPs: inside the subnet of the nodes that may carry them, never a
+/// node's own address, each declared once, at most N addresses per node (S1.4).
+fn check_addresses(
+    ctx: &mut Ctx,
+    settings: &Settings,
+    nodes: &[RawNode],
+    groups: &[RawGroup],
+    resources: &[RawResource],
+) {
+    let mut seen_node_addr: HashMap<std::net::IpAddr, &str> = HashMap::new();
+    for n in nodes {
+        let Some(a) = &n.address else { continue };
+        if let Some(&other) = seen_node_addr.get(&a.v.addr()) {
+            ctx.error(
+                "E003",
+                a.span.clone(),
+                format!(
+                    "node `{}` has the same address {} as node `{other}`",
+                    n.name.v,
+                    a.v.addr()
+                ),
+            )
+            .hint("every node needs its own address");
+        } else {
+            seen_node_addr.insert(a.v.addr(), n.name.v.as_str());
+        }
+    }
+    let mut seen_floating: HashMap<std::net::IpAddr, &str> = HashMap::new();
+    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+    for r in resources {
+        let (Some(Kind::Ip(ip)), Some(span)) = (&r.kind, &r.ip_span) else {
+            continue;
+        };
+        let addr = ip.address.addr();
+        if r.role.v == Role::Clone {
+            ctx.error(
+                "E013",
+                r.role.span.clone(),
+                format!(
+                    "floating IP `{}` cannot be a clone: one address on every node at once",
+                    r.name.v
+                ),
+            )
+            .hint("remove `clone = true`; a floating IP lives on one node at a time");
+        }
+        if let Some(node) = seen_node_addr.get(&addr) {
+            ctx.error(
+                "E012",
+                span.clone(),
+                format!("floating IP {addr} of `{}` is node `{node}`'s own address", r.name.v),
+            )
+            .hint("pick an unused address in the same subnet");
+        }
+        if let Some(other) = seen_floating.insert(addr, r.name.v.as_str()) {
+            ctx.error(
+                "E003",
+                span.clone(),
+                format!("floating IP {addr} of `{}` is also declared by `{other}`", r.name.v),
+            )
+            .hint("an address can belong to one resource only");
+        }
+        let allowed = group_nodes(&groups[r.group], nodes);
+        let may_carry: Vec<&RawNode> = nodes.iter().filter(|n| allowed.contains(&n.name.v)).collect();
+        let in_subnet = |n: &RawNode| n.address.as_ref().is_some_and(|a| a.v.contains(&addr));
+        if may_carry.iter().all(|n| n.address.is_some()) {
+            let outside: Vec<&str> = may_carry
+                .iter()
+                .filter(|n| !in_subnet(n))
+                .map(|n| n.name.v.as_str())
+                .collect();
+            if !may_carry.is_empty() && outside.len() == may_carry.len() {
+                ctx.error(
+                    "E009",
+                    span.clone(),
+                    format!(
+                        "floating IP {} of `{}` is outside the subnet of every node that may run group `{}`",
+                        ip.address, r.name.v, groups[r.group].name.v
+                    ),
+                )
+                .hint(
+                    "pick an address in the subnet of the nodes that run the group, so their neighbours can reach it",
+                );
+            } else if !outside.is_empty() {
+                ctx.warn(
+                    "W003",
+                    span.clone(),
+                    format!(
+                        "floating IP {} of `{}` is outside the subnet of {}",
+                        ip.address,
+                        r.name.v,
+                        outside.join(", ")
+                    ),
+                )
+                .hint("those nodes can carry the address but their neighbours may not reach it there");
+            }
+        }
+        if r.enabled.v {
+            for n in allowed {
+                *per_node.entry(n).or_default() += 1;
+            }
+        }
+    }
+    for n in nodes {
+        let floating = per_node.get(&n.name.v).copied().unwrap_or(0);
+        let total = 1 + n.other.len() + floating;
+        if total > settings.max_addresses_per_node as usize {
+            ctx.error(
+                "E008",
+                n.name.span.clone(),
+                format!(
+                    "node `{}` may carry {total} addresses (1 own, {} other, {floating} floating), more than the limit of {} (S1.4)",
+                    n.name.v,
+                    n.other.len(),
+                    settings.max_addresses_per_node
+                ),
+            )
+            .hint("spread the groups over other nodes with `nodes = [...]`, or raise `max_addresses_per_node` if your software allows it");
+        }
+    }
+}
+
 fn build(
     name: String,
+    description: Option<String>,
     settings: Settings,
     nodes: Vec<RawNode>,
     groups: Vec<RawGroup>,
@@ -1196,6 +1408,7 @@ fn build(
         .collect::<Option<Vec<_>>>()?;
     Some(ClusterSpec {
         name,
+        description,
         settings,
         nodes,
         groups: out_groups,

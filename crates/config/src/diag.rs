@@ -102,7 +102,7 @@ impl<'a> Source<'a> {
         if errors > 0 {
             let _ = writeln!(
                 out,
-                "{}: {} error{}, {} warning{}; the definition was not accepted",
+                "{}: {} error{}, {} warning{}; not accepted",
                 self.name,
                 errors,
                 plural(errors),

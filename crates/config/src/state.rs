@@ -109,6 +109,13 @@ pub fn parse_state(text: &str, spec: &ClusterSpec) -> Result<(Observed, Time), V
                             f.missing(&mut ctx, "at", "`at = \"5m\"`");
                         }
                         let resource = f.str(&mut ctx, "resource", "`resource = \"db\"`").map(|s| s.v);
+                        let node = node.filter(|n| {
+                            let known = node_names.contains(&n.v.as_str());
+                            if !known {
+                                unknown(&mut ctx, n.span.clone(), "node", &n.v, &node_names);
+                            }
+                            known
+                        });
                         if let (Some(node), Some(at)) = (node, at) {
                             observed.group_mut(name).failures.push(Failure {
                                 node: node.v,

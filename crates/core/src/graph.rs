@@ -22,7 +22,7 @@ pub struct External {
 }
 
 /// The ordering facts of one group, independent of where it runs.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GroupOrder {
     /// Managed, enabled resources in start waves.
     pub start_waves: Vec<Vec<String>>,
@@ -87,14 +87,7 @@ impl<'a> Catalog<'a> {
     /// The start/stop order of a group. `Err` carries the members caught in
     /// a dependency cycle (validation rejects those definitions).
     pub fn group_order(&self, group: &GroupSpec) -> Result<GroupOrder, Vec<String>> {
-        let mut order = GroupOrder {
-            start_waves: Vec::new(),
-            stop_waves: Vec::new(),
-            monitor_only: Vec::new(),
-            clones: Vec::new(),
-            disabled: Vec::new(),
-            external: Vec::new(),
-        };
+        let mut order = GroupOrder::default();
         let mut members: Vec<&ResourceSpec> = Vec::new();
         for r in &group.resources {
             if !r.enabled {

@@ -19,6 +19,9 @@ pub fn plan_text(plan: &Plan) -> String {
             Transition::Stop { node } => format!("stop on {node}"),
         };
         let _ = writeln!(out, "group {}: {} ({})", g.group, head, g.reason);
+        for note in &g.notes {
+            let _ = writeln!(out, "  note: {note}");
+        }
         let start_on = g.target.as_deref().unwrap_or("unplaced");
         let stop_on = g.current.as_deref().or(g.target.as_deref()).unwrap_or("unplaced");
         for (i, wave) in g.start_waves.iter().enumerate() {

@@ -15,6 +15,7 @@ use serde::Serialize;
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ClusterSpec {
     pub name: String,
+    pub description: Option<String>,
     pub settings: Settings,
     /// Nodes in declaration order.
     pub nodes: Vec<NodeSpec>,

@@ -83,11 +83,17 @@ impl fmt::Display for HumanDuration {
     }
 }
 
-/// Parses `500ms`, `2s`, `1m30s`, `1h`, `1d` (units: ms, s, m, h, d).
+/// Parses `500ms`, `2s`, `1m30s`, `1h`, `1d` (units: ms, s, m, h, d; no
+/// spaces, no fractions).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
+    const UNITS: &str = "use a whole number followed by ms, s, m, h or d, e.g. `500ms`, `2s`, `1m30s`";
     if text.is_empty() {
-        return Err("empty duration".into());
+        return Err(format!("empty duration ({UNITS})"));
+    }
+    if text.contains(char::is_whitespace) {
+        return Err(format!(
+            "`{text}` contains a space; write the number and unit together, e.g. `30s`"
+        ));
     }
     let bytes = text.as_bytes();
     let mut total: u64 = 0;
@@ -98,7 +104,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             i += 1;
         }
         if start == i {
-            return Err(format!("expected a number at `{}`", &text[start..]));
+            return Err(format!("expected a number at `{}` ({UNITS})", &text[start..]));
+        }
+        if bytes.get(i) == Some(&b'.') {
+            return Err(format!(
+                "`{text}` has a fraction; use a smaller unit instead, e.g. `1500ms` for 1.5s"
+            ));
         }
         let value: u64 = text[start..i]
             .parse()
@@ -110,13 +121,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         let factor = match &text[unit_start..i] {
             "ms" => 1,
             "s" => 1_000,
-            "m" | "min" => 60_000,
+            "m" => 60_000,
             "h" => 3_600_000,
             "d" => 86_400_000,
-            "" => {
-                return Err(format!("`{text}` has a number without a unit (use ms, s, m, h or d)"));
-            }
-            other => return Err(format!("unknown unit `{other}` (use ms, s, m, h or d)")),
+            "" => return Err(format!("`{text}` has a number without a unit ({UNITS})")),
+            other => return Err(format!("unknown unit `{other}` in `{text}` ({UNITS})")),
         };
         total = value
             .checked_mul(factor)
