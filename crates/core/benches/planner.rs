@@ -6,14 +6,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
-use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use understudy_core::observed::{Failure, NodeState};
-use understudy_core::spec::{
-    ClusterSpec, Failback, FailoverPolicy, GroupSpec, Kind, MonitorSpec, NodeSpec, ProcessSpec, ResourceSpec, Role,
-    Settings,
-};
+use understudy_core::spec::{ClusterSpec, Failback, FailoverPolicy, GroupSpec, NodeSpec, ResourceSpec, Role, Settings};
+use understudy_core::testkit;
 use understudy_core::{Observed, Time, plan};
 
 const NODES: usize = 32;
@@ -33,25 +30,10 @@ impl Lcg {
 }
 
 fn resource(name: String, depends_on: Vec<String>, role: Role) -> ResourceSpec {
+    let deps: Vec<&str> = depends_on.iter().map(String::as_str).collect();
     ResourceSpec {
-        name,
-        description: None,
-        kind: Kind::Process(ProcessSpec {
-            command: vec!["/bin/true".into()],
-            env: Vec::new(),
-            cwd: None,
-            user: None,
-            stop_signal: "TERM".into(),
-            log: None,
-            check: None,
-        }),
-        depends_on,
-        optional: false,
-        enabled: true,
         role,
-        monitor: Some(MonitorSpec::default()),
-        start_timeout: Duration::from_secs(60),
-        stop_timeout: Duration::from_secs(30),
+        ..testkit::process(&name, &deps)
     }
 }
 
@@ -103,6 +85,7 @@ fn generate() -> (ClusterSpec, Observed) {
     }
     let spec = ClusterSpec {
         name: "bench".into(),
+        description: None,
         settings: Settings::default(),
         nodes,
         groups,

@@ -5,11 +5,13 @@
 //! as values; decisions go out as data. That is what lets the planner be
 //! golden-tested and the agent's logic be driven by a deterministic simulator.
 
+pub mod agent;
 pub mod graph;
 pub mod observed;
 pub mod planner;
 pub mod render;
 pub mod spec;
+pub mod testkit;
 pub mod time;
 
 pub use observed::{NodeState, Observed};

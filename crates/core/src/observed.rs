@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::spec::ClusterSpec;
 use crate::time::Time;
@@ -38,7 +38,7 @@ impl NodeState {
 
 /// A failure of a group on a node that exhausted its restarts (or asked for
 /// immediate failover).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
     pub node: String,
     pub at: Time,

@@ -9,7 +9,7 @@ use serde::Serialize;
 /// A point in time, in milliseconds since an epoch chosen by the caller
 /// (the agent's monotonic start, the coordinator's clock, or the simulator's
 /// virtual zero). Only differences between `Time`s from one source mean anything.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
 #[serde(transparent)]
 pub struct Time(pub u64);
 

@@ -1,0 +1,1562 @@
+//! The agent's decision logic, as a deterministic state machine.
+//!
+//! One `Agent` runs per node. It is driven from outside — by the tokio shell
+//! in `understudy-agent`, or by the simulator — in the style of quinn-proto:
+//!
+//! ```text
+//! agent.handle(now, event);               // something happened
+//! while let Some(a) = agent.poll_action() // what to do about it
+//! agent.poll_timeout()                    // when to call handle(now, Event::Tick)
+//! ```
+//!
+//! It never does IO and never reads a clock: `now` carries the node's
+//! monotonic time (for lease deadlines) and wall time (for records shared with
+//! other nodes). Every decision is level-triggered: after each event the agent
+//! recomputes the plan from the cluster view and moves its local resources one
+//! step towards it.
+//!
+//! Safety rule (no two nodes run one group): the agent issues `Start` for a
+//! group's resource only while it holds the group's owner key — it won the
+//! campaign for it and its session lease is still inside the self-fencing
+//! deadline. Every `Start` carries an [`Authority`] saying so. The deadline is
+//! `sent_at(last acknowledged renewal) + lease_ttl - fence_margin` on the
+//! node's own monotonic clock; the coordinator cannot expire the lease before
+//! `sent_at + lease_ttl`, so the node has stopped (or its fence guard has
+//! killed) the group before any other node can win the key.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::graph::{Catalog, GroupOrder};
+use crate::observed::{Failure, GroupState, NodeState, Observed};
+use crate::planner::{self, Plan};
+use crate::spec::{ClusterSpec, OnFail, ResourceSpec, Role};
+use crate::time::Time;
+
+/// The two clocks the agent is told about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Now {
+    /// The node's monotonic clock: lease deadlines, timers.
+    pub mono: Time,
+    /// Wall-clock time (ms since the Unix epoch): failure records shared
+    /// with other nodes, failure windows.
+    pub wall: Time,
+}
+
+/// A node's registration, written by its own agent and attached to its lease.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The agent is shutting down and moving its groups away.
+    #[serde(default)]
+    pub leaving: bool,
+}
+
+/// A group's owner key: who holds it and the key's create revision (the
+/// fencing token).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerRecord {
+    pub node: String,
+    pub token: i64,
+}
+
+/// Operator settings for a node (`understudy standby|maintenance`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAdmin {
+    #[serde(default)]
+    pub standby: bool,
+    #[serde(default)]
+    pub maintenance: bool,
+}
+
+/// Operator settings for a group (`understudy move|stop|maintenance`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupAdmin {
+    #[serde(default)]
+    pub maintenance: bool,
+    #[serde(default)]
+    pub stopped: bool,
+    #[serde(default)]
+    pub move_to: Option<String>,
+}
+
+/// What the coordinator shows, as maintained by the shell from its watch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterView {
+    /// The coordinator revision this view reflects.
+    pub revision: i64,
+    /// Registered (alive) nodes.
+    pub nodes: BTreeMap<String, NodeRecord>,
+    pub owners: BTreeMap<String, OwnerRecord>,
+    pub maintenance: bool,
+    pub node_admin: BTreeMap<String, NodeAdmin>,
+    pub group_admin: BTreeMap<String, GroupAdmin>,
+    pub failures: BTreeMap<String, Vec<Failure>>,
+}
+
+/// What a monitor found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "health", content = "detail", rename_all = "snake_case")]
+pub enum Health {
+    Running,
+    Stopped,
+    Failed(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Start,
+    Stop,
+}
+
+/// Something that happened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Time passed (the shell calls this at `poll_timeout()`).
+    Tick,
+    /// A session lease was granted and the node registered; `sent_at` is when
+    /// the grant request was sent (monotonic).
+    SessionOpened { lease: i64, sent_at: Time },
+    /// Opening the session failed (coordinator unavailable); retried later.
+    SessionOpenFailed,
+    /// A keep-alive of `lease` sent at `sent_at` was acknowledged.
+    Renewed { lease: i64, sent_at: Time },
+    /// A keep-alive failed or timed out (coordinator unreachable).
+    RenewFailed { lease: i64 },
+    /// The coordinator says the lease no longer exists.
+    SessionLost { lease: i64 },
+    /// The cluster view changed.
+    View(ClusterView),
+    /// Result of the campaign made with `lease`: the fencing token when won.
+    CampaignResult {
+        group: String,
+        lease: i64,
+        won: Option<i64>,
+    },
+    /// A resign request completed (`ok = false`: the coordinator could not be reached).
+    Resigned { group: String, ok: bool },
+    /// A start or stop finished.
+    OpDone {
+        resource: String,
+        op: Op,
+        result: Result<(), String>,
+    },
+    /// A monitor finished; `epoch` is the one its `Action::Monitor` carried.
+    MonitorDone {
+        resource: String,
+        epoch: u64,
+        health: Health,
+    },
+    /// The operator asked the agent to stop (SIGTERM): move groups away, then exit.
+    Shutdown,
+}
+
+/// Why this node may start a group's resources: it holds the owner key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Authority {
+    pub lease: i64,
+    /// The owner key's create revision (fencing token).
+    pub token: i64,
+    /// The self-fencing deadline (monotonic) this authority expires at.
+    pub valid_until: Time,
+}
+
+/// Kinds of journal entries (`understudy events`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    SessionOpened,
+    SessionLost,
+    Fenced,
+    Acquired,
+    Released,
+    OwnershipLost,
+    Starting,
+    Started,
+    StartFailed,
+    Stopping,
+    Stopped,
+    StopFailed,
+    GroupStarted,
+    GroupStopped,
+    MonitorFailed,
+    MonitorRecovered,
+    Restarting,
+    FailingOver,
+    GaveUp,
+    ShuttingDown,
+    Frozen,
+}
+
+/// One journal entry; the shell adds node and time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub kind: EntryKind,
+    pub group: Option<String>,
+    pub resource: Option<String>,
+    pub message: String,
+}
+
+/// Something the shell must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Grant a session lease (`lease_ttl`), register the node with it, and
+    /// report `SessionOpened` (or `SessionOpenFailed`).
+    OpenSession,
+    /// Send a keep-alive for the session lease; report `Renewed`, `RenewFailed`
+    /// or `SessionLost`.
+    Renew { lease: i64 },
+    /// Create the group's owner key, attached to the session lease, if absent.
+    Campaign { group: String, lease: i64 },
+    /// Delete the group's owner key if its create revision is `token`.
+    Resign { group: String, token: i64 },
+    /// Start a resource. `authority` is `None` only for clones.
+    Start {
+        group: String,
+        resource: String,
+        authority: Option<Authority>,
+    },
+    /// Stop a resource; `urgent` means as fast as possible (SIGKILL at once).
+    Stop {
+        group: String,
+        resource: String,
+        urgent: bool,
+    },
+    /// Run a resource's monitor once; report `MonitorDone` with the same `epoch`.
+    Monitor {
+        group: String,
+        resource: String,
+        epoch: u64,
+    },
+    /// Append a failure of `group` on this node, stamped `at` (wall), to the
+    /// group's failure list.
+    RecordFailure { group: String, failure: Failure },
+    /// The group reached its requested node: clear the operator's move request.
+    ClearMoveRequest { group: String },
+    /// Mark this node as leaving in its registration (shutdown).
+    SetLeaving,
+    /// Tell the fence guard: kill every owned resource's processes if no
+    /// newer deadline arrives before `deadline` (monotonic).
+    ArmGuard { deadline: Time },
+    /// Write a journal entry.
+    Journal(Entry),
+    /// Everything is stopped and released: revoke the session and exit.
+    Exit,
+}
+
+/// Local state of one resource on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResState {
+    Stopped,
+    Starting,
+    Running,
+    Stopping,
+    /// Start failed, or it died beyond its restart limit; not running.
+    Failed,
+    /// Stop failed even when urgent: needs an operator.
+    StopFailed,
+}
+
+#[derive(Clone, Debug)]
+struct Res {
+    state: ResState,
+    /// Stop requested to restart it (and its dependents).
+    restart: bool,
+    restarts: Vec<Time>,
+    monitor_due: Option<Time>,
+    monitor_in_flight: bool,
+    last_health: Option<Health>,
+    /// An optional member that failed: skipped until the group restarts.
+    skipped: bool,
+    urgent: bool,
+    /// Increases with every start, so a monitor result about an earlier
+    /// instance is recognised and ignored.
+    epoch: u64,
+}
+
+impl Res {
+    fn new() -> Res {
+        Res {
+            state: ResState::Stopped,
+            restart: false,
+            restarts: Vec::new(),
+            monitor_due: None,
+            monitor_in_flight: false,
+            last_health: None,
+            skipped: false,
+            urgent: false,
+            epoch: 0,
+        }
+    }
+
+    fn busy(&self) -> bool {
+        matches!(self.state, ResState::Starting | ResState::Stopping)
+    }
+
+    /// Holds something that must be stopped.
+    fn needs_stop(&self) -> bool {
+        matches!(self.state, ResState::Running | ResState::Failed)
+    }
+}
+
+/// Local state of one group.
+#[derive(Clone, Debug, Default)]
+struct GroupRun {
+    /// We won the campaign and have not lost or released the key.
+    held: Option<i64>,
+    /// The session lease an outstanding campaign was made with.
+    campaign_lease: Option<i64>,
+    /// The token of a key we released, so a view that still shows it is not
+    /// mistaken for a stale key.
+    released: Option<i64>,
+    /// The owner key with our token has shown up in the view.
+    confirmed: bool,
+    resign_pending: bool,
+    /// Leaving after a failure (or a stale key from an earlier run).
+    failing_over: bool,
+    /// Announced "group started" for the current run.
+    started_announced: bool,
+    /// Resources of the group were touched and not all stopped since.
+    active: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Session {
+    None,
+    Opening,
+    Open {
+        lease: i64,
+        deadline: Time,
+        next_renew: Time,
+        renew_in_flight: bool,
+    },
+}
+
+/// Per-node status, published for `understudy status`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NodeStatus {
+    pub node: String,
+    pub session: bool,
+    pub maintenance: bool,
+    pub leaving: bool,
+    /// Groups this node holds.
+    pub holds: Vec<String>,
+    pub resources: BTreeMap<String, ResourceStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ResourceStatus {
+    pub group: String,
+    pub state: ResState,
+    pub last_monitor: Option<Health>,
+    pub restarts: usize,
+}
+
+/// The agent of one node.
+pub struct Agent {
+    spec: ClusterSpec,
+    node: String,
+    lease_ttl: Duration,
+    renew_interval: Duration,
+    fence_margin: Duration,
+    /// Resource name → group name.
+    group_of: HashMap<String, String>,
+    /// Resource name → effective dependencies (names).
+    deps: HashMap<String, Vec<String>>,
+    /// Resource name → local dependents (names), transitive.
+    dependents: HashMap<String, Vec<String>>,
+    orders: BTreeMap<String, GroupOrder>,
+    clone_waves: Vec<Vec<String>>,
+    session: Session,
+    view: Option<ClusterView>,
+    groups: BTreeMap<String, GroupRun>,
+    res: BTreeMap<String, Res>,
+    /// Failures this node recorded that the view does not show yet.
+    local_failures: Vec<(String, Failure)>,
+    shutting_down: bool,
+    leaving_sent: bool,
+    exited: bool,
+    retry_at: Option<Time>,
+    actions: VecDeque<Action>,
+    last_plan: Option<Plan>,
+}
+
+impl Agent {
+    /// An agent for `node` of `spec`. `spec` must be a checked definition.
+    pub fn new(spec: ClusterSpec, node: &str) -> Agent {
+        let catalog = Catalog::new(&spec);
+        let mut group_of = HashMap::new();
+        let mut deps = HashMap::new();
+        let mut orders = BTreeMap::new();
+        let mut res = BTreeMap::new();
+        let mut groups = BTreeMap::new();
+        for g in &spec.groups {
+            orders.insert(g.name.clone(), catalog.group_order(g).unwrap_or_default());
+            groups.insert(g.name.clone(), GroupRun::default());
+            for r in &g.resources {
+                group_of.insert(r.name.clone(), g.name.clone());
+                let d: Vec<String> = catalog.effective_deps(r).into_iter().map(str::to_string).collect();
+                deps.insert(r.name.clone(), d);
+                if r.enabled {
+                    res.insert(r.name.clone(), Res::new());
+                }
+            }
+        }
+        let mut dependents: HashMap<String, Vec<String>> = HashMap::new();
+        for (r, ds) in &deps {
+            for d in ds {
+                dependents.entry(d.clone()).or_default().push(r.clone());
+            }
+        }
+        for list in dependents.values_mut() {
+            list.sort();
+        }
+        let clone_waves = catalog.clone_waves().unwrap_or_default();
+        Agent {
+            lease_ttl: spec.settings.lease_ttl,
+            renew_interval: spec.settings.renew_interval,
+            fence_margin: spec.settings.fence_margin,
+            node: node.to_string(),
+            group_of,
+            deps,
+            dependents,
+            orders,
+            clone_waves,
+            session: Session::None,
+            view: None,
+            groups,
+            res,
+            local_failures: Vec::new(),
+            shutting_down: false,
+            leaving_sent: false,
+            exited: false,
+            retry_at: None,
+            actions: VecDeque::new(),
+            last_plan: None,
+            spec,
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The next action to carry out, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When to call `handle(now, Event::Tick)` next (monotonic).
+    pub fn poll_timeout(&self) -> Option<Time> {
+        let mut t: Option<Time> = self.retry_at;
+        let mut at = |x: Time| t = Some(t.map_or(x, |y| y.min(x)));
+        if let Session::Open {
+            deadline,
+            next_renew,
+            renew_in_flight,
+            ..
+        } = self.session
+        {
+            at(deadline);
+            if !renew_in_flight {
+                at(next_renew);
+            }
+        }
+        for r in self.res.values() {
+            if let Some(due) = r.monitor_due
+                && !r.monitor_in_flight
+            {
+                at(due);
+            }
+        }
+        t
+    }
+
+    /// True once the agent asked to exit.
+    pub fn exited(&self) -> bool {
+        self.exited
+    }
+
+    /// The local state of a resource, for tests and status.
+    pub fn resource_state(&self, name: &str) -> Option<ResState> {
+        self.res.get(name).map(|r| r.state)
+    }
+
+    /// The groups this node holds right now.
+    pub fn holds(&self) -> Vec<String> {
+        self.groups
+            .iter()
+            .filter(|(_, g)| g.held.is_some())
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Why this node may run `group` now, or `None`.
+    pub fn authority(&self, group: &str, now: Time) -> Option<Authority> {
+        let Session::Open { lease, deadline, .. } = self.session else {
+            return None;
+        };
+        if now >= deadline {
+            return None;
+        }
+        let token = self.groups.get(group)?.held?;
+        Some(Authority {
+            lease,
+            token,
+            valid_until: deadline,
+        })
+    }
+
+    /// The last plan computed (for status and debugging).
+    pub fn last_plan(&self) -> Option<&Plan> {
+        self.last_plan.as_ref()
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        NodeStatus {
+            node: self.node.clone(),
+            session: matches!(self.session, Session::Open { .. }),
+            maintenance: self.frozen_node(),
+            leaving: self.shutting_down,
+            holds: self.holds(),
+            resources: self
+                .res
+                .iter()
+                .filter(|(_, r)| r.state != ResState::Stopped || r.last_health.is_some())
+                .map(|(name, r)| {
+                    (
+                        name.clone(),
+                        ResourceStatus {
+                            group: self.group_of.get(name).cloned().unwrap_or_default(),
+                            state: r.state,
+                            last_monitor: r.last_health.clone(),
+                            restarts: r.restarts.len(),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Processes one event, then reconciles.
+    pub fn handle(&mut self, now: Now, event: Event) {
+        if self.exited {
+            return;
+        }
+        match event {
+            Event::Tick => {}
+            Event::SessionOpened { lease, sent_at } => {
+                let deadline = self.deadline_from(sent_at);
+                self.session = Session::Open {
+                    lease,
+                    deadline,
+                    next_renew: sent_at + self.renew_interval,
+                    renew_in_flight: false,
+                };
+                self.arm_guard(deadline);
+                self.journal(
+                    EntryKind::SessionOpened,
+                    None,
+                    None,
+                    format!("session lease {lease} granted"),
+                );
+            }
+            Event::SessionOpenFailed => {
+                self.session = Session::None;
+                self.retry_at = Some(now.mono + self.renew_interval);
+            }
+            Event::Renewed {
+                lease: renewed,
+                sent_at,
+            } => {
+                if let Session::Open {
+                    lease,
+                    deadline,
+                    next_renew,
+                    ..
+                } = self.session
+                    && lease == renewed
+                {
+                    let fresh = self.deadline_from(sent_at);
+                    // Only a renewal that moves the deadline forward counts, and
+                    // never one that arrives after the deadline passed (we are
+                    // fencing by then).
+                    let deadline = if now.mono < deadline {
+                        deadline.max(fresh)
+                    } else {
+                        deadline
+                    };
+                    self.session = Session::Open {
+                        lease,
+                        deadline,
+                        next_renew: next_renew.max(sent_at + self.renew_interval),
+                        renew_in_flight: false,
+                    };
+                    self.arm_guard(deadline);
+                }
+            }
+            Event::RenewFailed { lease: failed } => {
+                if let Session::Open {
+                    lease,
+                    deadline,
+                    next_renew,
+                    ..
+                } = self.session
+                    && lease == failed
+                {
+                    // Retry soon; the deadline does not move.
+                    let retry = now.mono + self.renew_interval / 4;
+                    self.session = Session::Open {
+                        lease,
+                        deadline,
+                        next_renew: next_renew.min(retry).max(now.mono),
+                        renew_in_flight: false,
+                    };
+                }
+            }
+            Event::SessionLost { lease: lost } => {
+                if matches!(self.session, Session::Open { lease, .. } if lease == lost) {
+                    self.journal(
+                        EntryKind::SessionLost,
+                        None,
+                        None,
+                        "the coordinator no longer knows the session lease".into(),
+                    );
+                    self.fence(now, "session lease lost");
+                }
+            }
+            Event::View(view) => self.on_view(now, view),
+            Event::CampaignResult { group, lease, won } => self.on_campaign(now, &group, lease, won),
+            Event::Resigned { group, ok } => {
+                if let Some(g) = self.groups.get_mut(&group) {
+                    g.resign_pending = false;
+                    if ok {
+                        g.released = g.held.or(g.released);
+                        g.held = None;
+                        g.confirmed = false;
+                        g.failing_over = false;
+                        g.started_announced = false;
+                        for r in self.managed_of(&group) {
+                            if let Some(x) = self.res.get_mut(&r) {
+                                x.skipped = false;
+                            }
+                        }
+                        self.journal(EntryKind::Released, Some(&group), None, "released ownership".into());
+                    } else {
+                        self.retry_at = Some(now.mono + self.renew_interval / 2);
+                    }
+                }
+            }
+            Event::OpDone { resource, op, result } => self.on_op_done(now, &resource, op, result),
+            Event::MonitorDone {
+                resource,
+                epoch,
+                health,
+            } => {
+                if self.res.get(&resource).is_some_and(|r| r.epoch == epoch) {
+                    self.on_monitor(now, &resource, health);
+                } else if let Some(r) = self.res.get_mut(&resource) {
+                    r.monitor_in_flight = false;
+                }
+            }
+            Event::Shutdown => {
+                if !self.shutting_down {
+                    self.shutting_down = true;
+                    self.journal(
+                        EntryKind::ShuttingDown,
+                        None,
+                        None,
+                        "shutting down: moving groups away".into(),
+                    );
+                }
+            }
+        }
+        self.reconcile(now);
+    }
+
+    fn deadline_from(&self, sent_at: Time) -> Time {
+        sent_at + self.lease_ttl.saturating_sub(self.fence_margin)
+    }
+
+    fn arm_guard(&mut self, deadline: Time) {
+        // The guard acts half a margin after the agent would have fenced:
+        // still before the coordinator can expire the lease.
+        self.actions.push_back(Action::ArmGuard {
+            deadline: deadline + self.fence_margin / 2,
+        });
+    }
+
+    fn journal(&mut self, kind: EntryKind, group: Option<&str>, resource: Option<&str>, message: String) {
+        self.actions.push_back(Action::Journal(Entry {
+            kind,
+            group: group.map(str::to_string),
+            resource: resource.map(str::to_string),
+            message,
+        }));
+    }
+
+    /// The session cannot be trusted any more: stop every owned group now.
+    fn fence(&mut self, now: Now, why: &str) {
+        let held: Vec<String> = self.holds();
+        if !held.is_empty() {
+            self.journal(
+                EntryKind::Fenced,
+                None,
+                None,
+                format!("{why}: stopping {} at once", held.join(", ")),
+            );
+        }
+        for g in self.groups.values_mut() {
+            g.held = None;
+            g.confirmed = false;
+            g.campaign_lease = None;
+            g.resign_pending = false;
+            g.started_announced = false;
+        }
+        for name in self.group_resource_names() {
+            if let Some(r) = self.res.get_mut(&name)
+                && r.state != ResState::Stopped
+            {
+                r.urgent = true;
+            }
+        }
+        self.session = Session::None;
+        self.retry_at = Some(now.mono);
+    }
+
+    fn group_resource_names(&self) -> Vec<String> {
+        self.spec
+            .groups
+            .iter()
+            .flat_map(|g| g.resources.iter())
+            .filter(|r| r.enabled && r.role == Role::Managed)
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
+    fn on_view(&mut self, now: Now, view: ClusterView) {
+        // Ownership we believe in must match the coordinator.
+        let mut lost = Vec::new();
+        for (name, g) in &mut self.groups {
+            let Some(token) = g.held else { continue };
+            match view.owners.get(name) {
+                Some(o) if o.node == self.node && o.token == token => g.confirmed = true,
+                Some(_) => lost.push(name.clone()),
+                None if g.confirmed || view.revision >= token => lost.push(name.clone()),
+                None => {}
+            }
+        }
+        for name in lost {
+            if let Some(g) = self.groups.get_mut(&name) {
+                g.held = None;
+                g.confirmed = false;
+                g.resign_pending = false;
+                g.started_announced = false;
+            }
+            let names: Vec<String> = self.managed_of(&name);
+            for r in names {
+                if let Some(res) = self.res.get_mut(&r)
+                    && res.state != ResState::Stopped
+                {
+                    res.urgent = true;
+                }
+            }
+            self.journal(
+                EntryKind::OwnershipLost,
+                Some(&name),
+                None,
+                "the owner key is gone or belongs to another node: stopping at once".into(),
+            );
+        }
+        self.local_failures.retain(|(g, f)| {
+            !view
+                .failures
+                .get(g)
+                .is_some_and(|list| list.iter().any(|x| x.node == f.node && x.at == f.at))
+        });
+        let _ = now;
+        self.view = Some(view);
+    }
+
+    fn on_campaign(&mut self, now: Now, group: &str, lease: i64, won: Option<i64>) {
+        let current = match self.session {
+            Session::Open { lease, deadline, .. } if now.mono < deadline => Some(lease),
+            _ => None,
+        };
+        let Some(g) = self.groups.get_mut(group) else { return };
+        if g.campaign_lease == Some(lease) {
+            g.campaign_lease = None;
+        }
+        let Some(token) = won else { return };
+        if current == Some(lease) && g.held.is_none() {
+            g.held = Some(token);
+            g.confirmed = false;
+            g.failing_over = false;
+            g.started_announced = false;
+            self.journal(
+                EntryKind::Acquired,
+                Some(group),
+                None,
+                format!("acquired ownership (fencing token {token})"),
+            );
+        } else {
+            // Won under a session we no longer trust: the key is attached to a
+            // lease that may expire at any moment. Give it back, run nothing.
+            g.released = Some(token);
+            g.resign_pending = true;
+            self.actions.push_back(Action::Resign {
+                group: group.to_string(),
+                token,
+            });
+        }
+    }
+
+    fn on_op_done(&mut self, now: Now, resource: &str, op: Op, result: Result<(), String>) {
+        let group = self.group_of.get(resource).cloned().unwrap_or_default();
+        let optional = self.spec_of(resource).is_some_and(|r| r.optional);
+        let interval = self.spec_of(resource).and_then(|r| r.monitor).map(|m| m.interval);
+        let Some(r) = self.res.get_mut(resource) else { return };
+        match (op, result) {
+            (Op::Start, Ok(())) => {
+                r.state = ResState::Running;
+                r.epoch += 1;
+                r.monitor_due = interval.map(|i| now.mono + i);
+                r.monitor_in_flight = false;
+                self.journal(EntryKind::Started, Some(&group), Some(resource), "started".into());
+            }
+            (Op::Start, Err(e)) => {
+                r.state = ResState::Failed;
+                self.journal(
+                    EntryKind::StartFailed,
+                    Some(&group),
+                    Some(resource),
+                    format!("start failed: {e}"),
+                );
+                if optional {
+                    if let Some(r) = self.res.get_mut(resource) {
+                        r.skipped = true;
+                    }
+                } else if self.is_clone(resource) {
+                    self.give_up_clone(now, resource);
+                } else {
+                    self.fail_over(now, &group, resource, "start failed");
+                }
+            }
+            (Op::Stop, Ok(())) => {
+                r.state = ResState::Stopped;
+                r.monitor_due = None;
+                r.urgent = false;
+                self.journal(EntryKind::Stopped, Some(&group), Some(resource), "stopped".into());
+            }
+            (Op::Stop, Err(e)) => {
+                if r.urgent {
+                    r.state = ResState::StopFailed;
+                    self.journal(
+                        EntryKind::StopFailed,
+                        Some(&group),
+                        Some(resource),
+                        format!("stop failed even when forced: {e}; needs an operator"),
+                    );
+                } else {
+                    // Try again, forcefully.
+                    r.state = ResState::Running;
+                    r.urgent = true;
+                    self.journal(
+                        EntryKind::StopFailed,
+                        Some(&group),
+                        Some(resource),
+                        format!("stop failed: {e}; forcing"),
+                    );
+                }
+            }
+        }
+    }
+
+    fn spec_of(&self, resource: &str) -> Option<&ResourceSpec> {
+        let g = self.group_of.get(resource)?;
+        self.spec.groups.iter().find(|x| &x.name == g)?.resource(resource)
+    }
+
+    fn is_clone(&self, resource: &str) -> bool {
+        self.spec_of(resource).is_some_and(|r| r.role == Role::Clone)
+    }
+
+    fn managed_of(&self, group: &str) -> Vec<String> {
+        self.orders
+            .get(group)
+            .map(|o| o.start_waves.iter().flatten().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn frozen_node(&self) -> bool {
+        let Some(view) = &self.view else { return false };
+        view.maintenance || view.node_admin.get(&self.node).is_some_and(|a| a.maintenance)
+    }
+
+    fn frozen_group(&self, group: &str) -> bool {
+        self.frozen_node()
+            || self
+                .view
+                .as_ref()
+                .and_then(|v| v.group_admin.get(group))
+                .is_some_and(|a| a.maintenance)
+    }
+
+    fn on_monitor(&mut self, now: Now, resource: &str, health: Health) {
+        let group = self.group_of.get(resource).cloned().unwrap_or_default();
+        let Some(spec) = self.spec_of(resource).cloned() else {
+            return;
+        };
+        let Some(monitor) = spec.monitor else { return };
+        let frozen = self.frozen_group(&group);
+        let Some(r) = self.res.get_mut(resource) else { return };
+        r.monitor_in_flight = false;
+        r.monitor_due = Some(now.mono + monitor.interval);
+        let was_ok = !matches!(r.last_health, Some(Health::Failed(_)) | Some(Health::Stopped));
+        r.last_health = Some(health.clone());
+        let monitor_only = spec.role == Role::MonitorOnly;
+        // A monitor result about a resource we are not running any more is stale.
+        if !monitor_only && r.state != ResState::Running {
+            return;
+        }
+        let problem = match &health {
+            Health::Running => {
+                if !was_ok {
+                    self.journal(
+                        EntryKind::MonitorRecovered,
+                        Some(&group),
+                        Some(resource),
+                        "healthy again".into(),
+                    );
+                }
+                return;
+            }
+            Health::Stopped => "not running".to_string(),
+            Health::Failed(why) => why.clone(),
+        };
+        if frozen {
+            self.journal(
+                EntryKind::MonitorFailed,
+                Some(&group),
+                Some(resource),
+                format!("monitor: {problem} (maintenance: no action taken)"),
+            );
+            return;
+        }
+        match monitor.on_fail {
+            OnFail::Report => {
+                if was_ok {
+                    self.journal(
+                        EntryKind::MonitorFailed,
+                        Some(&group),
+                        Some(resource),
+                        format!("monitor: {problem} (reported only)"),
+                    );
+                }
+            }
+            OnFail::Failover => {
+                self.journal(
+                    EntryKind::MonitorFailed,
+                    Some(&group),
+                    Some(resource),
+                    format!("monitor: {problem}"),
+                );
+                if spec.role == Role::Clone {
+                    self.give_up_clone(now, resource);
+                } else {
+                    self.fail_over(now, &group, resource, &problem);
+                }
+            }
+            OnFail::Restart => {
+                self.journal(
+                    EntryKind::MonitorFailed,
+                    Some(&group),
+                    Some(resource),
+                    format!("monitor: {problem}"),
+                );
+                let Some(r) = self.res.get_mut(resource) else { return };
+                r.restarts.retain(|t| now.mono.since(*t) < monitor.within);
+                if (r.restarts.len() as u64) < u64::from(monitor.restarts) {
+                    r.restarts.push(now.mono);
+                    let n = r.restarts.len();
+                    self.mark_restart(resource);
+                    self.journal(
+                        EntryKind::Restarting,
+                        Some(&group),
+                        Some(resource),
+                        format!("restarting ({n} of {} within {:?})", monitor.restarts, monitor.within),
+                    );
+                } else if spec.role == Role::Clone {
+                    self.give_up_clone(now, resource);
+                } else if spec.optional {
+                    self.journal(
+                        EntryKind::GaveUp,
+                        Some(&group),
+                        Some(resource),
+                        "restart limit reached; optional member left stopped".into(),
+                    );
+                    if let Some(r) = self.res.get_mut(resource) {
+                        r.skipped = true;
+                    }
+                    self.mark_restart(resource);
+                } else {
+                    self.fail_over(
+                        now,
+                        &group,
+                        resource,
+                        &format!("restart limit reached after: {problem}"),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Stops `resource` and every local resource depending on it; they
+    /// start again in order (unless skipped or the group moves).
+    fn mark_restart(&mut self, resource: &str) {
+        let mut stack = vec![resource.to_string()];
+        let mut seen = BTreeSet::new();
+        while let Some(n) = stack.pop() {
+            if !seen.insert(n.clone()) {
+                continue;
+            }
+            if let Some(r) = self.res.get_mut(&n)
+                && r.state != ResState::Stopped
+            {
+                r.restart = true;
+            }
+            if let Some(ds) = self.dependents.get(&n) {
+                stack.extend(ds.iter().cloned());
+            }
+        }
+    }
+
+    /// A clone failed beyond its limit: leave it stopped here, and move away
+    /// any group on this node that needs it.
+    fn give_up_clone(&mut self, now: Now, resource: &str) {
+        let group = self.group_of.get(resource).cloned().unwrap_or_default();
+        self.journal(
+            EntryKind::GaveUp,
+            Some(&group),
+            Some(resource),
+            "clone left stopped on this node".into(),
+        );
+        if let Some(r) = self.res.get_mut(resource) {
+            r.skipped = true;
+        }
+        self.mark_restart(resource);
+        let needing: Vec<(String, String)> = self
+            .orders
+            .iter()
+            .flat_map(|(g, o)| {
+                o.external
+                    .iter()
+                    .filter(|e| e.needs == resource)
+                    .map(move |e| (g.clone(), e.resource.clone()))
+            })
+            .collect();
+        for (g, r) in needing {
+            if self.groups.get(&g).is_some_and(|x| x.held.is_some()) {
+                self.fail_over(now, &g, &r, &format!("needed clone {resource} failed"));
+            }
+        }
+    }
+
+    /// Records a failure of `group` here and moves it away.
+    fn fail_over(&mut self, now: Now, group: &str, resource: &str, why: &str) {
+        let Some(g) = self.groups.get_mut(group) else { return };
+        if g.failing_over || g.held.is_none() {
+            return;
+        }
+        g.failing_over = true;
+        let failure = Failure {
+            node: self.node.clone(),
+            at: now.wall,
+            resource: Some(resource.to_string()),
+        };
+        self.local_failures.push((group.to_string(), failure.clone()));
+        self.actions.push_back(Action::RecordFailure {
+            group: group.to_string(),
+            failure,
+        });
+        self.journal(
+            EntryKind::FailingOver,
+            Some(group),
+            Some(resource),
+            format!("failing over: {why}"),
+        );
+    }
+
+    /// The planner's view of the cluster, as this node sees it.
+    fn observed(&self) -> Observed {
+        let mut observed = Observed::default();
+        let Some(view) = &self.view else { return observed };
+        observed.maintenance = view.maintenance;
+        let session_open = matches!(self.session, Session::Open { .. });
+        for n in &self.spec.nodes {
+            let admin = view.node_admin.get(&n.name);
+            let registered = view.nodes.get(&n.name);
+            let alive = if n.name == self.node {
+                session_open || registered.is_some()
+            } else {
+                registered.is_some()
+            };
+            let leaving = if n.name == self.node {
+                self.shutting_down
+            } else {
+                registered.is_some_and(|r| r.leaving)
+            };
+            let state = if !alive {
+                NodeState::Down
+            } else if admin.is_some_and(|a| a.maintenance) {
+                NodeState::Maintenance
+            } else if leaving || admin.is_some_and(|a| a.standby) {
+                NodeState::Standby
+            } else {
+                NodeState::Up
+            };
+            observed.nodes.insert(n.name.clone(), state);
+        }
+        for g in &self.spec.groups {
+            let admin = view.group_admin.get(&g.name).cloned().unwrap_or_default();
+            let mut failures = view.failures.get(&g.name).cloned().unwrap_or_default();
+            failures.extend(
+                self.local_failures
+                    .iter()
+                    .filter(|(name, _)| name == &g.name)
+                    .map(|(_, f)| f.clone()),
+            );
+            observed.groups.insert(
+                g.name.clone(),
+                GroupState {
+                    owner: view.owners.get(&g.name).map(|o| o.node.clone()),
+                    maintenance: admin.maintenance,
+                    stopped: admin.stopped,
+                    move_to: admin.move_to.clone(),
+                    failures,
+                },
+            );
+        }
+        observed
+    }
+
+    fn reconcile(&mut self, now: Now) {
+        self.retry_at = None;
+        // 1. Session upkeep and self-fencing.
+        match self.session {
+            Session::Open { deadline, .. } if now.mono >= deadline => {
+                self.journal(
+                    EntryKind::SessionLost,
+                    None,
+                    None,
+                    "no renewal acknowledged in time: fencing deadline passed".into(),
+                );
+                self.fence(now, "self-fencing deadline passed");
+            }
+            Session::Open {
+                lease,
+                deadline,
+                next_renew,
+                renew_in_flight: false,
+            } if now.mono >= next_renew => {
+                self.session = Session::Open {
+                    lease,
+                    deadline,
+                    next_renew,
+                    renew_in_flight: true,
+                };
+                self.actions.push_back(Action::Renew { lease });
+            }
+            _ => {}
+        }
+        if self.session == Session::None && !self.shutting_down {
+            self.session = Session::Opening;
+            self.actions.push_back(Action::OpenSession);
+        }
+        if self.shutting_down && !self.leaving_sent && matches!(self.session, Session::Open { .. }) {
+            self.leaving_sent = true;
+            self.actions.push_back(Action::SetLeaving);
+        }
+
+        // 2. Nothing is decided before the first view arrives, except
+        //    stopping what must stop.
+        let plan = if self.view.is_some() {
+            let plan = planner::plan(&self.spec, &self.observed(), now.wall);
+            Some(plan)
+        } else {
+            None
+        };
+
+        // 3. Groups.
+        let group_names: Vec<String> = self.spec.groups.iter().map(|g| g.name.clone()).collect();
+        for name in &group_names {
+            self.reconcile_group(now, name, plan.as_ref());
+        }
+        // 4. Clones.
+        self.reconcile_clones(now, plan.as_ref());
+        // 5. Monitors.
+        self.schedule_monitors(now);
+        // 6. Exit once everything is down after a shutdown request.
+        if self.shutting_down && !self.exited {
+            let all_stopped = self.res.values().all(|r| !r.needs_stop() && !r.busy());
+            let none_held = self.groups.values().all(|g| g.held.is_none() && !g.resign_pending);
+            if all_stopped && none_held {
+                self.exited = true;
+                self.actions.push_back(Action::Exit);
+            }
+        }
+        self.last_plan = plan;
+    }
+
+    fn reconcile_group(&mut self, now: Now, name: &str, plan: Option<&Plan>) {
+        let frozen = self.frozen_group(name);
+        let target_me = plan
+            .and_then(|p| p.group(name))
+            .is_some_and(|gp| gp.target.as_deref() == Some(self.node.as_str()));
+        let authority = self.authority(name, now.mono);
+        let Some(g) = self.groups.get(name).cloned() else {
+            return;
+        };
+        let order = self.orders.get(name).cloned().unwrap_or_default();
+        let managed: Vec<String> = order.start_waves.iter().flatten().cloned().collect();
+        let any_urgent = managed.iter().any(|r| self.res.get(r).is_some_and(|x| x.urgent));
+
+        // Stale ownership from an earlier run of this agent: release it.
+        let session_lease = match self.session {
+            Session::Open { lease, deadline, .. } if now.mono < deadline => Some(lease),
+            _ => None,
+        };
+        if let Some(view) = &self.view
+            && let Some(owner) = view.owners.get(name)
+            && owner.node == self.node
+            && g.held.is_none()
+            && g.campaign_lease.is_none()
+            && !g.resign_pending
+            && g.released != Some(owner.token)
+            && session_lease.is_some()
+        {
+            let token = owner.token;
+            self.journal(
+                EntryKind::Released,
+                Some(name),
+                None,
+                format!("releasing ownership left by an earlier run (token {token})"),
+            );
+            if let Some(g) = self.groups.get_mut(name) {
+                g.resign_pending = true;
+                g.released = Some(token);
+            }
+            self.actions.push_back(Action::Resign {
+                group: name.to_string(),
+                token,
+            });
+        }
+
+        // Resources that must stop at once (ownership lost, fenced): nothing
+        // else happens to the group until they have.
+        if any_urgent && !self.stop_in_order(name, &order, true) {
+            return;
+        }
+        let Some(authority) = authority else {
+            // Not ours: nothing of it may run here.
+            if !self.stop_in_order(name, &order, true) {
+                return;
+            }
+            let nobody = self.view.as_ref().is_some_and(|v| !v.owners.contains_key(name));
+            if target_me
+                && nobody
+                && !frozen
+                && g.held.is_none()
+                && g.campaign_lease.is_none()
+                && !g.resign_pending
+                && let Some(lease) = session_lease
+            {
+                self.actions.push_back(Action::Campaign {
+                    group: name.to_string(),
+                    lease,
+                });
+                if let Some(g) = self.groups.get_mut(name) {
+                    g.campaign_lease = Some(lease);
+                }
+            }
+            return;
+        };
+        if frozen {
+            return;
+        }
+        let leave = g.failing_over || !target_me;
+        if leave {
+            let done = self.stop_in_order(name, &order, false);
+            if done && !g.resign_pending {
+                if g.started_announced || g.active {
+                    self.journal(EntryKind::GroupStopped, Some(name), None, "group stopped".into());
+                }
+                if let Some(g) = self.groups.get_mut(name) {
+                    g.resign_pending = true;
+                    g.active = false;
+                }
+                self.actions.push_back(Action::Resign {
+                    group: name.to_string(),
+                    token: authority.token,
+                });
+            }
+            return;
+        }
+        // Run: restarts first (stop the marked ones in reverse order), then start.
+        let restarting: Vec<String> = managed
+            .iter()
+            .filter(|r| self.res.get(*r).is_some_and(|x| x.restart))
+            .cloned()
+            .collect();
+        if !restarting.is_empty() {
+            let mut sub = order.clone();
+            for w in &mut sub.stop_waves {
+                w.retain(|r| restarting.contains(r));
+            }
+            if self.stop_in_order(name, &sub, false) {
+                for r in &restarting {
+                    if let Some(x) = self.res.get_mut(r) {
+                        x.restart = false;
+                    }
+                }
+            } else {
+                return;
+            }
+        }
+        if let Some(g) = self.groups.get_mut(name) {
+            g.active = true;
+        }
+        let complete = self.start_in_order(name, &order, Some(authority));
+        if complete {
+            let announce = !g.started_announced;
+            if announce {
+                self.journal(
+                    EntryKind::GroupStarted,
+                    Some(name),
+                    None,
+                    format!("group running on {}", self.node),
+                );
+                if let Some(g) = self.groups.get_mut(name) {
+                    g.started_announced = true;
+                }
+            }
+            let move_done = self
+                .view
+                .as_ref()
+                .and_then(|v| v.group_admin.get(name))
+                .and_then(|a| a.move_to.as_deref())
+                == Some(self.node.as_str());
+            if move_done && announce {
+                self.actions.push_back(Action::ClearMoveRequest {
+                    group: name.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Starts every resource whose dependencies run (in wave order, so the
+    /// actions come out deterministically); a resource never starts before
+    /// its dependencies, and need not wait for unrelated members of earlier
+    /// waves. Returns true when every (non-skipped) resource runs.
+    fn start_in_order(&mut self, group: &str, order: &GroupOrder, authority: Option<Authority>) -> bool {
+        let mut complete = true;
+        for r in order.start_waves.iter().flatten() {
+            let Some(res) = self.res.get(r) else { continue };
+            if res.skipped || res.state == ResState::Running {
+                continue;
+            }
+            complete = false;
+            if res.state == ResState::Stopped && self.deps_running(r) {
+                self.issue_start(group, r, authority);
+            }
+        }
+        complete
+    }
+
+    fn deps_running(&self, resource: &str) -> bool {
+        self.deps.get(resource).is_none_or(|ds| {
+            ds.iter().all(|d| {
+                let Some(spec) = self.spec_of(d) else { return true };
+                if spec.role == Role::MonitorOnly {
+                    return true;
+                }
+                self.res
+                    .get(d)
+                    .is_some_and(|x| x.state == ResState::Running || (x.skipped && spec.optional))
+            })
+        })
+    }
+
+    fn issue_start(&mut self, group: &str, resource: &str, authority: Option<Authority>) {
+        if let Some(r) = self.res.get_mut(resource) {
+            r.state = ResState::Starting;
+            r.last_health = None;
+            r.epoch += 1;
+        }
+        self.journal(EntryKind::Starting, Some(group), Some(resource), "starting".into());
+        self.actions.push_back(Action::Start {
+            group: group.to_string(),
+            resource: resource.to_string(),
+            authority,
+        });
+    }
+
+    /// Stops resources in reverse dependency order: a resource is stopped
+    /// once no local resource depending on it still runs (`urgent`: at once).
+    /// Returns true when all of them are stopped.
+    fn stop_in_order(&mut self, group: &str, order: &GroupOrder, urgent: bool) -> bool {
+        let mut all = true;
+        for r in order.stop_waves.iter().flatten() {
+            let Some(res) = self.res.get(r) else { continue };
+            match res.state {
+                ResState::Stopped => {
+                    if let Some(x) = self.res.get_mut(r) {
+                        x.urgent = false;
+                    }
+                }
+                ResState::StopFailed | ResState::Starting | ResState::Stopping => all = false,
+                ResState::Running | ResState::Failed => {
+                    all = false;
+                    let force = urgent || res.urgent;
+                    if force || !self.dependents_running(r) {
+                        self.issue_stop(group, r, force);
+                    }
+                }
+            }
+        }
+        all
+    }
+
+    fn dependents_running(&self, resource: &str) -> bool {
+        self.dependents.get(resource).is_some_and(|ds| {
+            ds.iter().any(|d| {
+                self.res
+                    .get(d)
+                    .is_some_and(|x| x.state != ResState::Stopped && !x.skipped || x.busy())
+            })
+        })
+    }
+
+    fn issue_stop(&mut self, group: &str, resource: &str, urgent: bool) {
+        if let Some(r) = self.res.get_mut(resource) {
+            r.state = ResState::Stopping;
+            r.monitor_due = None;
+        }
+        self.journal(
+            EntryKind::Stopping,
+            Some(group),
+            Some(resource),
+            if urgent {
+                "stopping (forced)".into()
+            } else {
+                "stopping".into()
+            },
+        );
+        self.actions.push_back(Action::Stop {
+            group: group.to_string(),
+            resource: resource.to_string(),
+            urgent,
+        });
+    }
+
+    fn reconcile_clones(&mut self, _now: Now, plan: Option<&Plan>) {
+        let Some(plan) = plan else { return };
+        let frozen = self.frozen_node();
+        let want: BTreeSet<String> = plan
+            .clones
+            .iter()
+            .filter(|c| !self.shutting_down && c.nodes.iter().any(|n| n == &self.node))
+            .map(|c| c.resource.clone())
+            .collect();
+        let waves = self.clone_waves.clone();
+        if frozen {
+            return;
+        }
+        // Stop unwanted clones (and ones being restarted) in reverse order.
+        for wave in waves.iter().rev() {
+            for r in wave {
+                let Some(res) = self.res.get(r) else { continue };
+                let stop = !want.contains(r) || res.restart || res.skipped;
+                if stop && res.needs_stop() && !self.dependents_running(r) {
+                    let group = self.group_of.get(r).cloned().unwrap_or_default();
+                    self.issue_stop(&group, r, false);
+                }
+                if let Some(res) = self.res.get_mut(r)
+                    && res.restart
+                    && res.state == ResState::Stopped
+                {
+                    res.restart = false;
+                }
+            }
+        }
+        for wave in &waves {
+            for r in wave {
+                let Some(res) = self.res.get(r) else { continue };
+                if want.contains(r)
+                    && res.state == ResState::Stopped
+                    && !res.skipped
+                    && !res.restart
+                    && self.deps_running(r)
+                {
+                    let group = self.group_of.get(r).cloned().unwrap_or_default();
+                    self.issue_start(&group, r, None);
+                }
+            }
+        }
+    }
+
+    fn schedule_monitors(&mut self, now: Now) {
+        // Monitor-only resources are checked on the owner while it holds the group.
+        let mut owned_checks: Vec<(String, String)> = Vec::new();
+        for (g, order) in &self.orders {
+            if self.groups.get(g).is_some_and(|x| x.held.is_some() && x.confirmed) {
+                owned_checks.extend(order.monitor_only.iter().map(|r| (g.clone(), r.clone())));
+            }
+        }
+        for (g, r) in &owned_checks {
+            let interval = self.spec_of(r).and_then(|s| s.monitor).map(|m| m.interval);
+            if let (Some(res), Some(interval)) = (self.res.get_mut(r), interval)
+                && res.monitor_due.is_none()
+            {
+                let _ = g;
+                res.monitor_due = Some(now.mono + interval);
+            }
+        }
+        let owned: BTreeSet<&String> = owned_checks.iter().map(|(_, r)| r).collect();
+        let mut due = Vec::new();
+        for (name, res) in &mut self.res {
+            let is_check = owned.contains(name);
+            if !is_check && res.state != ResState::Running {
+                if res.state == ResState::Stopped && self.orders.values().any(|o| o.monitor_only.contains(name)) {
+                    res.monitor_due = None;
+                }
+                continue;
+            }
+            if res.restart {
+                continue;
+            }
+            if let Some(at) = res.monitor_due
+                && at <= now.mono
+                && !res.monitor_in_flight
+            {
+                res.monitor_in_flight = true;
+                due.push(name.clone());
+            }
+        }
+        for name in due {
+            let group = self.group_of.get(&name).cloned().unwrap_or_default();
+            let epoch = self.res.get(&name).map_or(0, |r| r.epoch);
+            self.actions.push_back(Action::Monitor {
+                group,
+                resource: name,
+                epoch,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,109 @@
+//! Resource drivers: one per resource kind, behind the [`Driver`] trait.
+//!
+//! Every operation is idempotent (starting a running resource or stopping a
+//! stopped one succeeds) and bounded by the timeout it is given. Drivers know
+//! nothing of leases or groups' placement: the agent decides, drivers do.
+//!
+//! Architecture invariant: drivers never decide *whether* to act, only *how*;
+//! they depend on `understudy-core` for the resource settings and on nothing
+//! else of ours.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use understudy_core::spec::{Kind, ResourceSpec};
+
+mod check;
+pub mod process;
+mod procfs;
+pub mod registry;
+pub mod script;
+mod spawn;
+
+pub use registry::ProcessRegistry;
+
+/// What a monitor or probe found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Running and healthy.
+    Running,
+    /// Cleanly not running.
+    Stopped,
+    /// Running but unhealthy, or in an unknown state; the text says why.
+    Failed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("{op} of {resource} timed out after {timeout:?}")]
+    Timeout {
+        op: &'static str,
+        resource: String,
+        timeout: Duration,
+    },
+    #[error("{op} of {resource} failed: {message}")]
+    Failed {
+        op: &'static str,
+        resource: String,
+        message: String,
+    },
+    #[error("{0} is not supported by this build yet")]
+    Unsupported(&'static str),
+}
+
+/// Everything an operation needs to know besides the resource's own settings.
+#[derive(Clone, Debug)]
+pub struct OpCtx {
+    pub node: String,
+    pub group: String,
+    /// The owner's fencing token (the owner key's create revision); `None`
+    /// for clones, which run without ownership.
+    pub token: Option<i64>,
+    /// How long the operation may take.
+    pub timeout: Duration,
+}
+
+/// Where drivers keep their files and how they report spawned processes.
+#[derive(Clone)]
+pub struct DriverEnv {
+    /// Directory of the cluster definition: `./` paths in commands resolve here.
+    pub base_dir: PathBuf,
+    /// The agent's state directory (logs, pid records).
+    pub state_dir: PathBuf,
+    /// Receives the process groups drivers start, so the fence guard can kill
+    /// them and a restarted agent can find leftovers.
+    pub registry: Arc<ProcessRegistry>,
+}
+
+/// One resource's start/stop/monitor/probe.
+#[async_trait]
+pub trait Driver: Send + Sync {
+    /// Brings the resource up. Returns once it is running (or fails).
+    async fn start(&self, ctx: &OpCtx) -> Result<(), DriverError>;
+    /// Brings the resource down. Returns once it is stopped (or fails).
+    async fn stop(&self, ctx: &OpCtx) -> Result<(), DriverError>;
+    /// Checks a running resource.
+    async fn monitor(&self, ctx: &OpCtx) -> Health;
+    /// Finds out whether the resource is running right now (agent start).
+    async fn probe(&self, ctx: &OpCtx) -> Health;
+}
+
+/// The driver for a resource, or `Unsupported` for kinds this build cannot run yet.
+pub fn driver_for(spec: &ResourceSpec, env: &DriverEnv) -> Result<Box<dyn Driver>, DriverError> {
+    match &spec.kind {
+        Kind::Process(p) => Ok(Box::new(process::ProcessDriver::new(
+            &spec.name,
+            p,
+            spec.stop_timeout,
+            env,
+        ))),
+        Kind::Script(s) => Ok(Box::new(script::ScriptDriver::new(&spec.name, s, env))),
+        Kind::Ip(_) => Err(DriverError::Unsupported("kind `ip`")),
+        Kind::Fs(_) => Err(DriverError::Unsupported("kind `fs`")),
+        Kind::Systemd(_) => Err(DriverError::Unsupported("kind `systemd`")),
+        Kind::Postgres(_) => Err(DriverError::Unsupported("kind `postgres`")),
+        Kind::Sync(_) => Err(DriverError::Unsupported("kind `sync`")),
+    }
+}
