@@ -1,19 +1,30 @@
 //! The `understudy` command line.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
-use understudy_config::Source;
-use understudy_core::observed::NodeState;
-use understudy_core::{ClusterSpec, Observed, Time};
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod admin;
+mod context;
+mod definition;
+mod demo;
+mod events;
+mod status;
 
 #[derive(Parser)]
 #[command(name = "understudy", version, about = "A failover cluster manager for Linux")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Subcommand)]
@@ -41,19 +52,99 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run this node's agent (foreground; SIGTERM moves its groups away, then exits).
+    Agent {
+        /// The cluster definition (default: $UNDERSTUDY_CONFIG, a running demo's, /etc/understudy/cluster.toml).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// This node's name in the definition.
+        #[arg(long)]
+        node: String,
+        /// Where the agent keeps logs and process records.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Nodes, groups, owners, resources and their last monitor results.
+    Status {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        /// Keep watching and redraw on every change.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Move a group to another node (the best other one when --to is not given).
+    Move {
+        group: String,
+        #[arg(long, value_name = "NODE")]
+        to: Option<String>,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Freeze the cluster (or one group): nothing is started, stopped or
+    /// failed over; monitors still report (S2.3d).
+    Maintenance {
+        #[arg(value_enum)]
+        state: OnOff,
+        #[arg(long, value_name = "GROUP")]
+        group: Option<String>,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// The event journal: who started what, when, why.
+    Events {
+        /// Keep printing new events.
+        #[arg(long)]
+        follow: bool,
+        /// How many past events to print.
+        #[arg(short = 'n', long, default_value_t = 50)]
+        last: usize,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Run a local 3-node demo cluster until Ctrl-C.
+    Demo,
+    /// Internal: the fence guard process started by each agent.
+    #[command(hide = true)]
+    FenceGuard,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Check { file } => check(&file),
+        Command::Check { file } => definition::check(&file),
         Command::Plan {
             file,
             down,
             standby,
             state,
             json,
-        } => plan(&file, &down, &standby, state.as_deref(), json),
+        } => definition::plan(&file, &down, &standby, state.as_deref(), json),
+        Command::FenceGuard => understudy_agent::guard::run()
+            .map(|()| ExitCode::SUCCESS)
+            .context("fence guard"),
+        Command::Demo => demo::run().map(|()| ExitCode::SUCCESS),
+        Command::Agent {
+            config,
+            node,
+            state_dir,
+        } => agent(config, node, state_dir),
+        Command::Status { config, json, watch } => {
+            with_cluster(config, |c| async move { status::run(&c, json, watch).await })
+        }
+        Command::Move { group, to, config } => {
+            with_cluster(
+                config,
+                |c| async move { admin::move_group(&c, &group, to.as_deref()).await },
+            )
+        }
+        Command::Maintenance { state, group, config } => with_cluster(config, |c| async move {
+            admin::maintenance(&c, matches!(state, OnOff::On), group.as_deref()).await
+        }),
+        Command::Events { follow, last, config } => {
+            with_cluster(config, |c| async move { events::run(&c, last, follow).await })
+        }
     };
     match result {
         Ok(code) => code,
@@ -64,78 +155,48 @@ fn main() -> ExitCode {
     }
 }
 
-fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
-}
-
-/// Loads and checks a definition; prints diagnostics to stderr. `None` when invalid.
-fn load(path: &Path) -> Result<Option<ClusterSpec>> {
-    let text = read(path)?;
-    let name = path.display().to_string();
-    let checked = understudy_config::check(&text);
-    let source = Source::new(&name, &text);
-    eprint!("{}", source.render_all(&checked.diagnostics));
-    Ok(checked.spec)
-}
-
-fn check(path: &Path) -> Result<ExitCode> {
-    let Some(spec) = load(path)? else {
-        return Ok(ExitCode::from(1));
-    };
-    let resources: usize = spec.groups.iter().map(|g| g.resources.len()).sum();
-    println!(
-        "{}: ok: cluster `{}`, {} node{}, {} group{}, {} resource{}",
-        path.display(),
-        spec.name,
-        spec.nodes.len(),
-        plural(spec.nodes.len()),
-        spec.groups.len(),
-        plural(spec.groups.len()),
-        resources,
-        plural(resources)
-    );
+/// Opens the cluster's coordinator and runs `f` on a current-thread runtime.
+fn with_cluster<F, Fut>(config: Option<PathBuf>, f: F) -> Result<ExitCode>
+where
+    F: FnOnce(context::Cluster) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let rt = context::runtime()?;
+    rt.block_on(async {
+        let cluster = context::open(config.as_deref()).await?;
+        f(cluster).await
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn plural(n: usize) -> &'static str {
-    if n == 1 { "" } else { "s" }
-}
-
-fn plan(path: &Path, down: &[String], standby: &[String], state: Option<&Path>, json: bool) -> Result<ExitCode> {
-    let Some(spec) = load(path)? else {
-        return Ok(ExitCode::from(1));
-    };
-    let (mut observed, now) = match state {
-        Some(state_path) => {
-            let text = read(state_path)?;
-            match understudy_config::parse_state(&text, &spec) {
-                Ok(v) => v,
-                Err(diags) => {
-                    let name = state_path.display().to_string();
-                    eprint!("{}", Source::new(&name, &text).render_all(&diags));
-                    return Ok(ExitCode::from(1));
-                }
-            }
+fn agent(config: Option<PathBuf>, node: String, state_dir: Option<PathBuf>) -> Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = context::runtime()?;
+    rt.block_on(async {
+        let cluster = context::open(config.as_deref()).await?;
+        if !cluster.spec.nodes.iter().any(|n| n.name == node) {
+            let known: Vec<&str> = cluster.spec.nodes.iter().map(|n| n.name.as_str()).collect();
+            anyhow::bail!(
+                "node `{node}` is not in the definition (its nodes are: {})",
+                known.join(", ")
+            );
         }
-        None => (Observed::all_up(&spec), Time::ZERO),
-    };
-    for (names, state) in [(down, NodeState::Down), (standby, NodeState::Standby)] {
-        for n in names {
-            if !spec.nodes.iter().any(|x| &x.name == n) {
-                let known: Vec<&str> = spec.nodes.iter().map(|x| x.name.as_str()).collect();
-                bail!("unknown node `{n}` (the definition's nodes are: {})", known.join(", "));
-            }
-            observed.nodes.insert(n.clone(), state);
-        }
-    }
-    let plan = understudy_core::plan(&spec, &observed, now);
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&plan).context("cannot render the plan as JSON")?
-        );
-    } else {
-        print!("{}", understudy_core::render::plan_text(&plan));
-    }
+        let state_dir = state_dir.unwrap_or_else(|| PathBuf::from(format!("/var/lib/understudy/{node}")));
+        let opts = understudy_agent::AgentOptions {
+            spec: cluster.spec,
+            node,
+            base_dir: cluster.base_dir,
+            state_dir,
+            guard_exe: std::env::current_exe().context("cannot find the understudy binary")?,
+            keys: cluster.keys,
+        };
+        understudy_agent::run(opts, Arc::clone(&cluster.coord)).await
+    })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -93,3 +93,39 @@ impl Observed {
         self.groups.entry(name.to_string()).or_default()
     }
 }
+
+impl Observed {
+    /// What the planner sees in a coordinator view: registered nodes are up
+    /// unless leaving (standby) or put in standby/maintenance by an operator;
+    /// unregistered nodes are down.
+    pub fn from_view(spec: &ClusterSpec, view: &crate::agent::ClusterView) -> Observed {
+        let mut observed = Observed {
+            maintenance: view.maintenance,
+            ..Observed::default()
+        };
+        for n in &spec.nodes {
+            let admin = view.node_admin.get(&n.name);
+            let state = match view.nodes.get(&n.name) {
+                None => NodeState::Down,
+                Some(_) if admin.is_some_and(|a| a.maintenance) => NodeState::Maintenance,
+                Some(r) if r.leaving || admin.is_some_and(|a| a.standby) => NodeState::Standby,
+                Some(_) => NodeState::Up,
+            };
+            observed.nodes.insert(n.name.clone(), state);
+        }
+        for g in &spec.groups {
+            let admin = view.group_admin.get(&g.name).cloned().unwrap_or_default();
+            observed.groups.insert(
+                g.name.clone(),
+                GroupState {
+                    owner: view.owners.get(&g.name).map(|o| o.node.clone()),
+                    maintenance: admin.maintenance,
+                    stopped: admin.stopped,
+                    move_to: admin.move_to,
+                    failures: view.failures.get(&g.name).cloned().unwrap_or_default(),
+                },
+            );
+        }
+        observed
+    }
+}

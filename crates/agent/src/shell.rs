@@ -1,0 +1,612 @@
+//! The agent's main loop: feeds the core's `Agent` with events from the
+//! coordinator, the drivers, timers and signals, and carries out its actions.
+//!
+//! Architecture invariant: this loop runs on a current-thread tokio runtime
+//! on the process's main thread. Drivers spawn resource processes from the
+//! task that runs them, i.e. from this thread, which lives as long as the
+//! agent — `PR_SET_PDEATHSIG` fires when the *spawning thread* exits, so
+//! spawning from a pool thread could kill resources at random.
+//!
+//! Every decision is the core's; this file only translates. The one check it
+//! adds is defence in depth: a `Start` of a group resource runs only with an
+//! authority whose deadline has not passed on this node's monotonic clock.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+use understudy_coord::{Compare, CoordError, Coordinator, KeyValue, WatchEvent};
+use understudy_core::ClusterSpec;
+use understudy_core::agent::{Action, Agent, Entry, Event, GroupAdmin, Health, NodeRecord, Op};
+use understudy_core::observed::Failure;
+use understudy_core::spec::Role;
+use understudy_drivers::{Driver, DriverEnv, OpCtx, ProcessRegistry, driver_for};
+
+use crate::clock;
+use crate::guard::Guard;
+use crate::keys::{Keys, OwnerValue, build_view};
+
+/// Everything the agent needs to run.
+pub struct AgentOptions {
+    pub spec: ClusterSpec,
+    pub node: String,
+    /// The definition's directory (`./` paths resolve here).
+    pub base_dir: PathBuf,
+    /// Logs and process records of this node's agent.
+    pub state_dir: PathBuf,
+    /// The `understudy` binary, for the fence guard.
+    pub guard_exe: PathBuf,
+    pub keys: Keys,
+}
+
+/// A journal record as stored in the coordinator (`understudy events`).
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct JournalRecord {
+    /// Wall-clock milliseconds since the Unix epoch.
+    pub at: u64,
+    pub node: String,
+    #[serde(flatten)]
+    pub entry: Entry,
+}
+
+/// Writes that must reach the coordinator in the order they were made.
+enum Ordered {
+    Journal(Vec<u8>),
+    Status { key: String, value: Vec<u8>, lease: i64 },
+}
+
+struct Shell {
+    opts: Arc<AgentOptions>,
+    ordered: UnboundedSender<Ordered>,
+    coord: Arc<dyn Coordinator>,
+    drivers: HashMap<String, Arc<dyn Driver>>,
+    guard: Arc<Guard>,
+    tx: UnboundedSender<Event>,
+    lease: Option<i64>,
+    last_status: Option<String>,
+}
+
+/// Runs the agent until it has moved its groups away after SIGTERM/SIGINT.
+pub async fn run(opts: AgentOptions, coord: Arc<dyn Coordinator>) -> Result<()> {
+    let opts = Arc::new(opts);
+    std::fs::create_dir_all(&opts.state_dir)
+        .with_context(|| format!("cannot create the state directory {}", opts.state_dir.display()))?;
+    for (resource, pgid) in understudy_drivers::registry::kill_leftovers(&opts.state_dir) {
+        tracing::warn!(
+            resource,
+            pgid,
+            "killed a process group left behind by an earlier run of this agent"
+        );
+    }
+    let guard = Arc::new(Guard::spawn(&opts.guard_exe)?);
+    tracing::info!(pid = guard.pid(), "fence guard started");
+    let owned: HashSet<String> = opts
+        .spec
+        .groups
+        .iter()
+        .flat_map(|g| g.resources.iter())
+        .filter(|r| r.role == Role::Managed)
+        .map(|r| r.name.clone())
+        .collect();
+    let guard_for_registry = Arc::clone(&guard);
+    let registry = Arc::new(ProcessRegistry::new(
+        &opts.state_dir,
+        Box::new(move |groups: &[(&str, i32)]| {
+            let pgids: Vec<i32> = groups
+                .iter()
+                .filter(|(r, _)| owned.contains(*r))
+                .map(|(_, g)| *g)
+                .collect();
+            guard_for_registry.set_pgids(&pgids);
+        }),
+    ));
+    let env = DriverEnv {
+        base_dir: opts.base_dir.clone(),
+        state_dir: opts.state_dir.clone(),
+        registry,
+    };
+    let mut drivers: HashMap<String, Arc<dyn Driver>> = HashMap::new();
+    let mut unsupported = Vec::new();
+    for r in opts
+        .spec
+        .groups
+        .iter()
+        .flat_map(|g| g.resources.iter())
+        .filter(|r| r.enabled)
+    {
+        match driver_for(r, &env) {
+            Ok(d) => {
+                drivers.insert(r.name.clone(), Arc::from(d));
+            }
+            Err(e) => unsupported.push(format!("{} ({e})", r.name)),
+        }
+    }
+    if !unsupported.is_empty() {
+        bail!(
+            "this build cannot run every resource of the definition: {}",
+            unsupported.join(", ")
+        );
+    }
+
+    let (tx, mut rx) = unbounded_channel::<Event>();
+    let watcher = tokio::spawn(watch_loop(Arc::clone(&coord), opts.keys.clone(), tx.clone()));
+    let (ordered, ordered_rx) = unbounded_channel::<Ordered>();
+    let writer = tokio::spawn(ordered_writer(Arc::clone(&coord), ordered_rx));
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut agent = Agent::new(opts.spec.clone(), &opts.node);
+    let mut shell = Shell {
+        opts: Arc::clone(&opts),
+        ordered,
+        coord,
+        drivers,
+        guard,
+        tx,
+        lease: None,
+        last_status: None,
+    };
+    tracing::info!(node = %opts.node, cluster = %opts.spec.name, "agent started");
+    agent.handle(clock::now(), Event::Tick);
+    loop {
+        while let Some(action) = agent.poll_action() {
+            shell.execute(action, &agent);
+        }
+        if agent.exited() {
+            break;
+        }
+        shell.publish_status(&agent);
+        let sleep = match agent.poll_timeout() {
+            Some(at) => Duration::from_millis(at.as_millis().saturating_sub(clock::mono().as_millis())),
+            None => Duration::from_secs(3600),
+        };
+        tokio::select! {
+            Some(event) = rx.recv() => {
+                shell.observe(&event);
+                agent.handle(clock::now(), event);
+                // Take whatever else is already waiting before acting.
+                while let Ok(event) = rx.try_recv() {
+                    shell.observe(&event);
+                    agent.handle(clock::now(), event);
+                }
+            }
+            () = tokio::time::sleep(sleep) => agent.handle(clock::now(), Event::Tick),
+            _ = sigterm.recv() => agent.handle(clock::now(), Event::Shutdown),
+            _ = sigint.recv() => agent.handle(clock::now(), Event::Shutdown),
+        }
+    }
+    watcher.abort();
+    // Let the journal's last entries reach the coordinator.
+    drop(shell.ordered);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    if let Some(lease) = shell.lease
+        && let Err(e) = shell.coord.revoke(lease).await
+    {
+        tracing::warn!("could not revoke the session lease on exit: {e}");
+    }
+    tracing::info!("agent stopped: every group moved away or stopped");
+    Ok(())
+}
+
+impl Shell {
+    /// Remembers what the shell itself needs from events (the session lease).
+    fn observe(&mut self, event: &Event) {
+        match event {
+            Event::SessionOpened { lease, .. } => self.lease = Some(*lease),
+            Event::SessionLost { lease } if self.lease == Some(*lease) => self.lease = None,
+            _ => {}
+        }
+    }
+
+    /// Runs an operation concurrently; its result comes back as an event.
+    /// (On the current-thread runtime this task still runs on the main thread.)
+    fn spawn<F>(&self, f: F)
+    where
+        F: std::future::Future<Output = Option<Event>> + Send + 'static,
+    {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            if let Some(event) = f.await {
+                let _ = tx.send(event);
+            }
+        });
+    }
+
+    fn execute(&mut self, action: Action, agent: &Agent) {
+        let coord = Arc::clone(&self.coord);
+        let keys = self.opts.keys.clone();
+        let node = self.opts.node.clone();
+        let settings = self.opts.spec.settings.clone();
+        match action {
+            Action::OpenSession => self.spawn(async move {
+                let sent_at = clock::mono();
+                let open = async {
+                    let lease = coord.grant(settings.lease_ttl).await?;
+                    coord
+                        .put(&keys.node(&node), &json(&NodeRecord::default()), Some(lease))
+                        .await?;
+                    Ok::<_, CoordError>(lease)
+                };
+                Some(match tokio::time::timeout(settings.lease_ttl, open).await {
+                    Ok(Ok(lease)) => Event::SessionOpened { lease, sent_at },
+                    Ok(Err(e)) => {
+                        tracing::warn!("cannot open a session: {e}");
+                        Event::SessionOpenFailed
+                    }
+                    Err(_) => {
+                        tracing::warn!("opening a session timed out");
+                        Event::SessionOpenFailed
+                    }
+                })
+            }),
+            Action::Renew { lease } => self.spawn(async move {
+                let sent_at = clock::mono();
+                Some(
+                    match tokio::time::timeout(settings.lease_ttl / 2, coord.keep_alive(lease)).await {
+                        Ok(Ok(_)) => Event::Renewed { lease, sent_at },
+                        Ok(Err(CoordError::LeaseNotFound(_))) => Event::SessionLost { lease },
+                        Ok(Err(e)) => {
+                            tracing::warn!("renewal failed: {e}");
+                            Event::RenewFailed { lease }
+                        }
+                        Err(_) => {
+                            tracing::warn!("renewal timed out");
+                            Event::RenewFailed { lease }
+                        }
+                    },
+                )
+            }),
+            Action::Campaign { group, lease } => self.spawn(async move {
+                let value = json(&OwnerValue { node });
+                let won = match coord
+                    .put_if(&keys.owner(&group), &value, Some(lease), Compare::Absent)
+                    .await
+                {
+                    Ok(Ok(kv)) => Some(kv.create_revision),
+                    Ok(Err(_)) => None,
+                    Err(e) => {
+                        tracing::warn!(group, "campaign failed: {e}");
+                        None
+                    }
+                };
+                Some(Event::CampaignResult { group, lease, won })
+            }),
+            Action::Resign { group, token } => self.spawn(async move {
+                let ok = match coord
+                    .delete_if(&keys.owner(&group), Compare::CreateRevision(token))
+                    .await
+                {
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::warn!(group, "resign failed: {e}");
+                        false
+                    }
+                };
+                Some(Event::Resigned { group, ok })
+            }),
+            Action::Start {
+                group,
+                resource,
+                authority,
+            } => {
+                let Some(driver) = self.drivers.get(&resource).cloned() else {
+                    return;
+                };
+                let spec = agent_resource(&self.opts.spec, &resource);
+                let is_clone = spec.is_some_and(|r| r.role == Role::Clone);
+                // Defence in depth: a group resource starts only with a live authority.
+                let refused = match authority {
+                    Some(a) if a.valid_until <= clock::mono() => {
+                        Some("the lease authority expired before the start ran")
+                    }
+                    None if !is_clone => Some("no lease authority for a group resource"),
+                    _ => None,
+                };
+                if let Some(why) = refused {
+                    tracing::error!(group, resource, "refusing to start: {why}");
+                    let _ = self.tx.send(Event::OpDone {
+                        resource,
+                        op: Op::Start,
+                        result: Err(why.into()),
+                    });
+                    return;
+                }
+                let timeout = spec.map_or(Duration::from_secs(60), |r| r.start_timeout);
+                let ctx = OpCtx {
+                    node,
+                    group,
+                    token: authority.map(|a| a.token),
+                    timeout,
+                };
+                self.spawn(async move {
+                    let result = driver.start(&ctx).await.map_err(|e| e.to_string());
+                    Some(Event::OpDone {
+                        resource,
+                        op: Op::Start,
+                        result,
+                    })
+                });
+            }
+            Action::Stop {
+                group,
+                resource,
+                urgent,
+            } => {
+                let Some(driver) = self.drivers.get(&resource).cloned() else {
+                    return;
+                };
+                let timeout = if urgent {
+                    Duration::ZERO
+                } else {
+                    agent_resource(&self.opts.spec, &resource).map_or(Duration::from_secs(30), |r| r.stop_timeout)
+                };
+                let ctx = OpCtx {
+                    node,
+                    group,
+                    token: None,
+                    timeout,
+                };
+                self.spawn(async move {
+                    let result = driver.stop(&ctx).await.map_err(|e| e.to_string());
+                    Some(Event::OpDone {
+                        resource,
+                        op: Op::Stop,
+                        result,
+                    })
+                });
+            }
+            Action::Monitor { group, resource, epoch } => {
+                let Some(driver) = self.drivers.get(&resource).cloned() else {
+                    return;
+                };
+                let timeout = agent_resource(&self.opts.spec, &resource)
+                    .and_then(|r| r.monitor)
+                    .map_or(Duration::from_secs(5), |m| m.timeout);
+                let token = agent.authority(&group, clock::mono()).map(|a| a.token);
+                let ctx = OpCtx {
+                    node,
+                    group,
+                    token,
+                    timeout,
+                };
+                self.spawn(async move {
+                    // The driver bounds its own checks; this bound is a backstop.
+                    let health =
+                        match tokio::time::timeout(timeout + Duration::from_millis(500), driver.monitor(&ctx)).await {
+                            Ok(understudy_drivers::Health::Running) => Health::Running,
+                            Ok(understudy_drivers::Health::Stopped) => Health::Stopped,
+                            Ok(understudy_drivers::Health::Failed(why)) => Health::Failed(why),
+                            Err(_) => Health::Failed(format!("monitor timed out after {timeout:?}")),
+                        };
+                    Some(Event::MonitorDone {
+                        resource,
+                        epoch,
+                        health,
+                    })
+                });
+            }
+            Action::RecordFailure { group, failure } => {
+                let within = self
+                    .opts
+                    .spec
+                    .groups
+                    .iter()
+                    .find(|g| g.name == group)
+                    .map_or(Duration::from_secs(3600), |g| g.failover.within);
+                self.spawn(async move {
+                    if let Err(e) = record_failure(&*coord, &keys.failures(&group), failure, within).await {
+                        tracing::error!(group, "could not record the failure: {e}");
+                    }
+                    None
+                });
+            }
+            Action::ClearMoveRequest { group } => self.spawn(async move {
+                let key = keys.admin_group(&group);
+                let result = update_json::<GroupAdmin>(&*coord, &key, |admin| {
+                    if admin.move_to.as_deref() == Some(node.as_str()) {
+                        admin.move_to = None;
+                        true
+                    } else {
+                        false
+                    }
+                })
+                .await;
+                if let Err(e) = result {
+                    tracing::warn!(group, "could not clear the move request: {e}");
+                }
+                None
+            }),
+            Action::SetLeaving => {
+                let Some(lease) = self.lease else { return };
+                self.spawn(async move {
+                    let record = NodeRecord { leaving: true };
+                    if let Err(e) = coord.put(&keys.node(&node), &json(&record), Some(lease)).await {
+                        tracing::warn!("could not mark this node as leaving: {e}");
+                    }
+                    None
+                });
+            }
+            Action::ArmGuard { deadline } => self.guard.arm(deadline.as_millis()),
+            Action::Journal(entry) => {
+                tracing::info!(
+                    kind = ?entry.kind,
+                    group = entry.group.as_deref().unwrap_or("-"),
+                    resource = entry.resource.as_deref().unwrap_or("-"),
+                    "{}",
+                    entry.message
+                );
+                let record = JournalRecord {
+                    at: clock::wall().as_millis(),
+                    node,
+                    entry,
+                };
+                let _ = self.ordered.send(Ordered::Journal(json(&record)));
+            }
+            Action::Exit => {}
+        }
+    }
+
+    /// Publishes this node's status (attached to its lease) when it changed.
+    fn publish_status(&mut self, agent: &Agent) {
+        let Some(lease) = self.lease else { return };
+        let status = String::from_utf8_lossy(&json(&agent.status())).into_owned();
+        if self.last_status.as_deref() == Some(status.as_str()) {
+            return;
+        }
+        self.last_status = Some(status.clone());
+        let _ = self.ordered.send(Ordered::Status {
+            key: self.opts.keys.status(&self.opts.node),
+            value: status.into_bytes(),
+            lease,
+        });
+    }
+}
+
+/// Carries out journal appends and status updates one at a time, in order;
+/// a status superseded by a newer one before it was written is skipped.
+async fn ordered_writer(coord: Arc<dyn Coordinator>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Ordered>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+        }
+        let last_status = batch.iter().rposition(|w| matches!(w, Ordered::Status { .. }));
+        for (i, write) in batch.into_iter().enumerate() {
+            match write {
+                Ordered::Journal(record) => {
+                    if let Err(e) = coord.append(&record).await {
+                        tracing::warn!("could not write the journal: {e}");
+                    }
+                }
+                Ordered::Status { key, value, lease } if Some(i) == last_status => {
+                    if let Err(e) = coord.put(&key, &value, Some(lease)).await {
+                        tracing::debug!("could not publish status: {e}");
+                    }
+                }
+                Ordered::Status { .. } => {}
+            }
+        }
+    }
+}
+
+fn agent_resource<'a>(spec: &'a ClusterSpec, name: &str) -> Option<&'a understudy_core::spec::ResourceSpec> {
+    spec.groups.iter().find_map(|g| g.resource(name))
+}
+
+fn json<T: Serialize>(value: &T) -> Vec<u8> {
+    // Our own plain data types always serialise.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// Read-modify-write of a JSON value with compare-and-swap; `change` returns
+/// false when nothing needs writing.
+pub async fn update_json<T>(coord: &dyn Coordinator, key: &str, mut change: impl FnMut(&mut T) -> bool) -> Result<()>
+where
+    T: Serialize + serde::de::DeserializeOwned + Default,
+{
+    for _ in 0..20 {
+        let current = coord.get(key).await?;
+        let (mut value, cond) = match &current {
+            Some(kv) => (
+                serde_json::from_slice::<T>(&kv.value).with_context(|| format!("{key} holds invalid data"))?,
+                Compare::ModRevision(kv.mod_revision),
+            ),
+            None => (T::default(), Compare::Absent),
+        };
+        if !change(&mut value) {
+            return Ok(());
+        }
+        if coord.put_if(key, &json(&value), None, cond).await?.is_ok() {
+            return Ok(());
+        }
+    }
+    bail!("{key} kept changing under us; gave up after 20 attempts")
+}
+
+/// Appends a failure record, dropping records older than `within` before it.
+async fn record_failure(coord: &dyn Coordinator, key: &str, failure: Failure, within: Duration) -> Result<()> {
+    update_json::<Vec<Failure>>(coord, key, |list| {
+        let horizon = failure.at - within;
+        list.retain(|f| f.at >= horizon);
+        list.push(failure.clone());
+        let excess = list.len().saturating_sub(100);
+        list.drain(..excess);
+        true
+    })
+    .await
+}
+
+/// Reads the cluster's keys and follows them, sending a fresh `View` after
+/// every batch of changes. Reconnects (re-reading everything) after errors.
+async fn watch_loop(coord: Arc<dyn Coordinator>, keys: Keys, tx: UnboundedSender<Event>) {
+    let mut last_sent = None;
+    loop {
+        match coord.range(keys.prefix()).await {
+            Ok((kvs, mut revision)) => {
+                let mut map: BTreeMap<String, KeyValue> = kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
+                send_view(&keys, &map, revision, &tx, &mut last_sent);
+                match coord.watch(keys.prefix(), revision).await {
+                    Ok(mut stream) => {
+                        while let Some(batch) = stream.recv().await {
+                            match batch {
+                                Ok(events) => {
+                                    for e in events {
+                                        revision = revision.max(e.revision());
+                                        match e {
+                                            WatchEvent::Put(kv) => {
+                                                map.insert(kv.key.clone(), kv);
+                                            }
+                                            WatchEvent::Delete { key, .. } => {
+                                                map.remove(&key);
+                                            }
+                                        }
+                                    }
+                                    send_view(&keys, &map, revision, &tx, &mut last_sent);
+                                }
+                                Err(e) => {
+                                    tracing::warn!("watch interrupted: {e}; re-reading the cluster state");
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!("cannot watch the cluster state: {e}"),
+                }
+            }
+            Err(e) => tracing::warn!("cannot read the cluster state: {e}"),
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn send_view(
+    keys: &Keys,
+    map: &BTreeMap<String, KeyValue>,
+    revision: i64,
+    tx: &UnboundedSender<Event>,
+    last: &mut Option<understudy_core::agent::ClusterView>,
+) {
+    let mut bad = Vec::new();
+    let mut view = build_view(keys, map, revision, &mut bad);
+    for key in bad {
+        tracing::warn!(key, "ignoring a value that does not parse");
+    }
+    // Only the revision changed (status updates, journal): no need to wake the agent.
+    if let Some(prev) = last {
+        let mut same = view.clone();
+        same.revision = prev.revision;
+        if &same == prev {
+            return;
+        }
+    }
+    *last = Some(view.clone());
+    view.revision = revision;
+    let _ = tx.send(Event::View(view));
+}

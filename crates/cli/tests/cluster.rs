@@ -1,0 +1,271 @@
+//! A 3-agent cluster of real processes on the embedded coordinator: start
+//! order, crash failover, restart then failover, a paused owner, maintenance.
+//!
+//! Tests here run one at a time (they share the machine's two cores, and
+//! lease timing is what they test).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{NODES, TestCluster, WEB, alive, definition, entries};
+use nix::sys::signal::Signal;
+use understudy_core::agent::EntryKind;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const TTL_MS: u64 = 1_000;
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn running_cluster() -> (TestCluster, String) {
+    let mut c = TestCluster::new(&definition(TTL_MS)).await;
+    c.start_all();
+    let snap = c
+        .wait_for("web running with all three nodes registered", WAIT, |s| {
+            s.running_on("web", &WEB).is_some() && NODES.iter().all(|n| s.view.nodes.contains_key(*n))
+        })
+        .await;
+    let owner = snap.owner("web").unwrap().to_string();
+    (c, owner)
+}
+
+fn understudy(c: &TestCluster, args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .args(args)
+        .arg("--config")
+        .arg(c.config())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "understudy {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn kill_pid(pid: i32, signal: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn resources_start_in_dependency_order_and_status_reports_them() {
+    let _serial = SERIAL.lock().await;
+    let (c, owner) = running_cluster().await;
+    let journal = c.journal().await;
+    let started = |r: &str| {
+        journal
+            .iter()
+            .position(|e| {
+                e.node == owner && e.entry.kind == EntryKind::Started && e.entry.resource.as_deref() == Some(r)
+            })
+            .unwrap_or_else(|| panic!("no `started` for {r} on {owner}"))
+    };
+    let starting = |r: &str| {
+        journal
+            .iter()
+            .position(|e| {
+                e.node == owner && e.entry.kind == EntryKind::Starting && e.entry.resource.as_deref() == Some(r)
+            })
+            .unwrap()
+    };
+    let acquired = journal
+        .iter()
+        .position(|e| e.node == owner && e.entry.kind == EntryKind::Acquired && e.entry.group.as_deref() == Some("web"))
+        .expect("the owner recorded acquiring the group");
+    assert!(acquired < starting("database"), "nothing starts before ownership");
+    assert!(started("database") < starting("app"), "app starts after database is up");
+    assert!(started("app") < starting("frontend"), "frontend starts after app is up");
+    // The clone runs everywhere; the monitor-only check is never started.
+    let snap = c
+        .wait_for("the clone on every node and a first monitor result", WAIT, |s| {
+            NODES.iter().all(|n| s.state(n, "metrics") == Some("running"))
+                && s.status[&owner]["resources"]["database"]["last_monitor"]["health"] == "running"
+        })
+        .await;
+    assert!(entries(&journal, &owner, EntryKind::Starting, "health").is_empty());
+    assert_eq!(snap.owner("web"), Some(owner.as_str()));
+
+    let out = Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .args(["status", "--json", "--config"])
+        .arg(c.config())
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["groups"][0]["owner"], owner.as_str());
+    assert_eq!(status["groups"][0]["state"], "running");
+    assert_eq!(status["groups"][0]["resources"][0]["last_monitor"], "ok");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn kill_9_of_the_owner_moves_the_group_and_its_processes_die() {
+    let _serial = SERIAL.lock().await;
+    let (mut c, owner) = running_cluster().await;
+    let old_token = c.snapshot().await.view.owners["web"].token;
+    let pids: Vec<i32> = WEB.iter().map(|r| c.pid_of(&owner, r).unwrap()).collect();
+    assert!(pids.iter().all(|&p| alive(p)));
+    c.agents.signal(&owner, Signal::SIGKILL).unwrap();
+    let snap = c
+        .wait_for("web running on another node", WAIT, |s| {
+            s.running_on("web", &WEB).is_some_and(|n| n != owner)
+        })
+        .await;
+    for pid in pids {
+        assert!(!alive(pid), "process {pid} of the crashed owner is still running");
+    }
+    assert!(snap.view.owners["web"].token > old_token, "a new fencing token");
+    assert!(
+        !snap.view.nodes.contains_key(&owner),
+        "the crashed node's registration expired"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_failed_process_is_restarted_then_the_group_fails_over() {
+    let _serial = SERIAL.lock().await;
+    let (c, owner) = running_cluster().await;
+    // Two restarts are allowed within a minute.
+    for round in 1..=2u64 {
+        let pid = c.pid_of(&owner, "app").unwrap();
+        kill_pid(pid, Signal::SIGKILL);
+        c.wait_for(&format!("restart {round} of app"), WAIT, |s| {
+            let restarts = s
+                .status
+                .get(&owner)
+                .and_then(|v| v["resources"]["app"]["restarts"].as_u64());
+            restarts == Some(round) && s.running_on("web", &WEB).as_deref() == Some(owner.as_str())
+        })
+        .await;
+        assert_ne!(c.pid_of(&owner, "app"), Some(pid), "a new process");
+    }
+    let pid = c.pid_of(&owner, "app").unwrap();
+    kill_pid(pid, Signal::SIGKILL);
+    let snap = c
+        .wait_for("web failed over after the restart limit", WAIT, |s| {
+            s.running_on("web", &WEB).is_some_and(|n| n != owner)
+        })
+        .await;
+    let journal = c.journal().await;
+    assert_eq!(entries(&journal, &owner, EntryKind::Restarting, "app").len(), 2);
+    assert_eq!(entries(&journal, &owner, EntryKind::FailingOver, "app").len(), 1);
+    let failures = &snap.view.failures["web"];
+    assert!(
+        failures.iter().any(|f| f.node == owner),
+        "the failure is recorded: {failures:?}"
+    );
+    // The old owner stopped everything of the group in reverse order.
+    let stopped = |r: &str| {
+        journal
+            .iter()
+            .rposition(|e| {
+                e.node == owner && e.entry.kind == EntryKind::Stopped && e.entry.resource.as_deref() == Some(r)
+            })
+            .unwrap()
+    };
+    assert!(stopped("frontend") < stopped("app") && stopped("app") < stopped("database"));
+}
+
+fn parse_guard_kill_time(log: &str) -> Option<u64> {
+    let line = log.lines().find(|l| l.contains("fence-guard: lease deadline passed"))?;
+    let stamp = line.split_whitespace().next()?;
+    let t = humantime::parse_rfc3339(stamp).ok()?;
+    u64::try_from(t.duration_since(UNIX_EPOCH).ok()?.as_millis()).ok()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_paused_owner_is_fenced_before_another_node_starts_the_group() {
+    let _serial = SERIAL.lock().await;
+    let (mut c, owner) = running_cluster().await;
+    let pids: Vec<i32> = WEB.iter().map(|r| c.pid_of(&owner, r).unwrap()).collect();
+    let paused_at = u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()).unwrap();
+    c.agents.signal(&owner, Signal::SIGSTOP).unwrap();
+    let snap = c
+        .wait_for("web running on another node", WAIT, |s| {
+            s.running_on("web", &WEB).is_some_and(|n| n != owner)
+        })
+        .await;
+    let new_owner = snap.owner("web").unwrap().to_string();
+    for pid in &pids {
+        assert!(!alive(*pid), "the paused owner's process {pid} still runs");
+    }
+    // The guard's kill happened before the new owner started anything.
+    let log = std::fs::read_to_string(c.agents.log_path(&owner)).unwrap();
+    let killed_at = parse_guard_kill_time(&log).expect("the guard logged its kill");
+    let journal = c.journal().await;
+    let first_start = journal
+        .iter()
+        .filter(|e| {
+            e.node == new_owner && e.entry.kind == EntryKind::Starting && e.entry.group.as_deref() == Some("web")
+        })
+        .filter(|e| e.at >= paused_at)
+        .map(|e| e.at)
+        .min()
+        .expect("the new owner started the group");
+    assert!(
+        killed_at < first_start,
+        "guard killed at {killed_at}, new owner started at {first_start}: they overlap"
+    );
+    // Woken up, the old owner knows it lost the lease and rejoins cleanly.
+    c.agents.signal(&owner, Signal::SIGCONT).unwrap();
+    c.wait_for("the old owner back with a new session", WAIT, |s| {
+        s.view.nodes.contains_key(&owner) && s.status.get(&owner).is_some_and(|v| v["session"] == true)
+    })
+    .await;
+    let journal = c.journal().await;
+    assert!(
+        journal
+            .iter()
+            .any(|e| e.node == owner && matches!(e.entry.kind, EntryKind::Fenced | EntryKind::SessionLost)),
+        "the woken owner recorded that it lost its lease"
+    );
+    assert_eq!(
+        c.snapshot().await.owner("web"),
+        Some(new_owner.as_str()),
+        "failback is manual"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn maintenance_holds_everything_still() {
+    let _serial = SERIAL.lock().await;
+    let (mut c, owner) = running_cluster().await;
+    understudy(&c, &["maintenance", "on"]);
+    c.wait_for("maintenance visible", WAIT, |s| s.view.maintenance).await;
+    // A dead process is reported, not restarted.
+    let pid = c.pid_of(&owner, "app").unwrap();
+    kill_pid(pid, Signal::SIGKILL);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let journal = c.journal().await;
+        if entries(&journal, &owner, EntryKind::MonitorFailed, "app")
+            .iter()
+            .any(|e| e.entry.message.contains("maintenance"))
+        {
+            assert!(entries(&journal, &owner, EntryKind::Restarting, "app").is_empty());
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no monitor report in maintenance\n{}",
+            c.logs()
+        );
+        c.wait_for("another change", Duration::from_secs(2), |_| true).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The owner dies: its lease expires, and nobody takes the group over.
+    c.agents.signal(&owner, Signal::SIGKILL).unwrap();
+    c.wait_for("the owner key expired", WAIT, |s| s.owner("web").is_none())
+        .await;
+    let quiet = tokio::time::timeout(
+        Duration::from_millis(3 * TTL_MS),
+        c.wait_for("someone taking web over", WAIT, |s| s.owner("web").is_some()),
+    )
+    .await;
+    assert!(quiet.is_err(), "a node took the group over during maintenance");
+    // Maintenance off: the group starts again.
+    understudy(&c, &["maintenance", "off"]);
+    c.wait_for("web running again", WAIT, |s| s.running_on("web", &WEB).is_some())
+        .await;
+}

@@ -1,0 +1,274 @@
+//! A cluster of real agent processes on this host, on the embedded
+//! coordinator, for integration tests and the failover benchmark.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use understudy_agent::JournalRecord;
+use understudy_agent::keys::{KeyKind, Keys, build_view};
+use understudy_agent::local::LocalCluster;
+use understudy_coord::sqlite::SqliteCoordinator;
+use understudy_coord::{Coordinator, KeyValue, WatchEvent};
+use understudy_core::agent::{ClusterView, EntryKind};
+
+pub const STANDIN: &str = include_str!("../../../../profiles/sigmasystemcenter-2.1/bin/standin");
+
+/// Three nodes, one group `web` (database <- app <- frontend, a clone, a
+/// monitor-only check), short timings: TTL 1 s.
+pub fn definition(ttl_ms: u64) -> String {
+    let renew = ttl_ms / 4;
+    format!(
+        r#"
+[cluster]
+name = "it"
+coordinator = {{ embedded = {{ path = "coordinator.db" }} }}
+lease_ttl = "{ttl_ms}ms"
+renew_interval = "{renew}ms"
+fence_margin = "{renew}ms"
+
+[[node]]
+name = "node1"
+address = "127.0.0.11/8"
+priority = 1
+
+[[node]]
+name = "node2"
+address = "127.0.0.12/8"
+priority = 2
+
+[[node]]
+name = "node3"
+address = "127.0.0.13/8"
+priority = 3
+
+[group.web]
+monitor = {{ interval = "300ms", timeout = "250ms", restarts = 2, within = "1m" }}
+failover = {{ threshold = 5, within = "10m" }}
+
+[group.web.resource.database]
+kind = "process"
+command = ["./standin", "database"]
+
+[group.web.resource.app]
+kind = "process"
+command = ["./standin", "app"]
+depends_on = ["database"]
+
+[group.web.resource.frontend]
+kind = "process"
+command = ["./standin", "frontend"]
+depends_on = ["app"]
+
+[group.web.resource.metrics]
+kind = "process"
+command = ["./standin", "metrics"]
+clone = true
+
+[group.web.resource.health]
+kind = "script"
+status = ["/bin/true"]
+monitor_only = true
+"#
+    )
+}
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub agents: LocalCluster,
+    pub coord: SqliteCoordinator,
+    pub keys: Keys,
+}
+
+pub const NODES: [&str; 3] = ["node1", "node2", "node3"];
+
+impl TestCluster {
+    /// Writes `definition` and the stand-in script; opens the coordinator; starts nothing.
+    pub async fn new(definition: &str) -> TestCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("cluster.toml");
+        std::fs::write(&config, definition).unwrap();
+        let standin = dir.path().join("standin");
+        std::fs::write(&standin, STANDIN).unwrap();
+        std::fs::set_permissions(&standin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let coord = SqliteCoordinator::open(&dir.path().join("coordinator.db"))
+            .await
+            .unwrap();
+        let agents = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_understudy")), dir.path(), &config);
+        TestCluster {
+            dir,
+            agents,
+            coord,
+            keys: Keys::new("/understudy", "it"),
+        }
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("cluster.toml")
+    }
+
+    pub fn start_all(&mut self) {
+        for n in NODES {
+            self.agents.start(n).unwrap();
+        }
+    }
+
+    pub async fn snapshot(&self) -> Snapshot {
+        let (kvs, revision) = self.coord.range(self.keys.prefix()).await.unwrap();
+        Snapshot::new(
+            &self.keys,
+            kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect(),
+            revision,
+        )
+    }
+
+    /// Waits, driven by the coordinator's watch, until `done` holds; panics
+    /// after `timeout` with the state and the agents' logs.
+    pub async fn wait_for(&self, what: &str, timeout: Duration, done: impl Fn(&Snapshot) -> bool) -> Snapshot {
+        let deadline = Instant::now() + timeout;
+        let (kvs, mut revision) = self.coord.range(self.keys.prefix()).await.unwrap();
+        let mut map: BTreeMap<String, KeyValue> = kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
+        let mut stream = self.coord.watch(self.keys.prefix(), revision).await.unwrap();
+        loop {
+            let snap = Snapshot::new(&self.keys, map.clone(), revision);
+            if done(&snap) {
+                return snap;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, stream.recv()).await {
+                Ok(Some(Ok(events))) => {
+                    for e in events {
+                        revision = revision.max(e.revision());
+                        match e {
+                            WatchEvent::Put(kv) => {
+                                map.insert(kv.key.clone(), kv);
+                            }
+                            WatchEvent::Delete { key, .. } => {
+                                map.remove(&key);
+                            }
+                        }
+                    }
+                }
+                Ok(other) => panic!("watch ended while waiting for {what}: {other:?}"),
+                Err(_) => panic!(
+                    "timed out after {timeout:?} waiting for {what}\nowners: {:?}\nstatus: {:#?}\n{}",
+                    snap.view.owners,
+                    snap.status,
+                    self.logs()
+                ),
+            }
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        NODES
+            .iter()
+            .map(|n| {
+                let log = std::fs::read_to_string(self.agents.log_path(n)).unwrap_or_default();
+                let tail: Vec<&str> = log
+                    .lines()
+                    .rev()
+                    .take(40)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                format!("--- {n} agent log (tail)\n{}\n", tail.join("\n"))
+            })
+            .collect()
+    }
+
+    pub async fn journal(&self) -> Vec<JournalRecord> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.coord.read_journal(after, 1000).await.unwrap();
+            let Some((seq, _)) = page.last() else { break };
+            after = *seq;
+            out.extend(page.into_iter().filter_map(|(_, b)| serde_json::from_slice(&b).ok()));
+        }
+        out
+    }
+
+    /// The pid recorded for `resource` in `node`'s process registry.
+    pub fn pid_of(&self, node: &str, resource: &str) -> Option<i32> {
+        let text = std::fs::read_to_string(self.agents.state_dir(node).join("processes")).ok()?;
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find(|l| l.split_whitespace().nth(2) == Some(resource))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+    }
+}
+
+/// The cluster's state at one revision.
+pub struct Snapshot {
+    pub view: ClusterView,
+    pub status: BTreeMap<String, Value>,
+}
+
+impl Snapshot {
+    fn new(keys: &Keys, map: BTreeMap<String, KeyValue>, revision: i64) -> Snapshot {
+        let view = build_view(keys, &map, revision, &mut Vec::new());
+        let status = map
+            .iter()
+            .filter_map(|(k, kv)| match keys.kind(k) {
+                Some(KeyKind::Status(n)) => serde_json::from_slice(&kv.value).ok().map(|v| (n, v)),
+                _ => None,
+            })
+            .collect();
+        Snapshot { view, status }
+    }
+
+    pub fn owner(&self, group: &str) -> Option<&str> {
+        self.view.owners.get(group).map(|o| o.node.as_str())
+    }
+
+    pub fn state(&self, node: &str, resource: &str) -> Option<&str> {
+        self.status
+            .get(node)?
+            .get("resources")?
+            .get(resource)?
+            .get("state")?
+            .as_str()
+    }
+
+    /// The group runs fully on its owner (every listed resource running there).
+    pub fn running_on(&self, group: &str, resources: &[&str]) -> Option<String> {
+        let owner = self.owner(group)?;
+        resources
+            .iter()
+            .all(|r| self.state(owner, r) == Some("running"))
+            .then(|| owner.to_string())
+    }
+}
+
+pub const WEB: [&str; 3] = ["database", "app", "frontend"];
+
+/// The process exists and is not a zombie (a killed process whose parent
+/// is dead or stopped stays a zombie until someone reaps it; it runs nothing).
+pub fn alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z" | "X") | None)
+}
+
+/// Journal entries of `kind` for `resource` on `node`, in journal order.
+pub fn entries<'a>(
+    journal: &'a [JournalRecord],
+    node: &str,
+    kind: EntryKind,
+    resource: &str,
+) -> Vec<&'a JournalRecord> {
+    journal
+        .iter()
+        .filter(|r| r.node == node && r.entry.kind == kind && r.entry.resource.as_deref() == Some(resource))
+        .collect()
+}
