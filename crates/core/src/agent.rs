@@ -317,6 +317,10 @@ struct GroupRun {
     resign_pending: bool,
     /// Leaving after a failure (or a stale key from an earlier run).
     failing_over: bool,
+    /// A resign of the held key was sent: the key is being given up, even
+    /// if the plan changes its mind or the resign fails (it may have taken
+    /// effect), so nothing of the group starts under it again.
+    resigning: bool,
     /// Announced "group started" for the current run.
     started_announced: bool,
     /// Resources of the group were touched and not all stopped since.
@@ -638,6 +642,7 @@ impl Agent {
                         g.held = None;
                         g.confirmed = false;
                         g.failing_over = false;
+                        g.resigning = false;
                         g.started_announced = false;
                         for r in self.managed_of(&group) {
                             if let Some(x) = self.res.get_mut(&r) {
@@ -795,6 +800,7 @@ impl Agent {
             g.held = Some(token);
             g.confirmed = false;
             g.failing_over = false;
+            g.resigning = false;
             g.started_announced = false;
             self.journal(
                 EntryKind::Acquired,
@@ -1287,7 +1293,7 @@ impl Agent {
         if frozen {
             return;
         }
-        let leave = g.failing_over || !target_me;
+        let leave = g.failing_over || g.resigning || !target_me;
         if leave {
             let done = self.stop_in_order(name, &order, false);
             if done && !g.resign_pending {
@@ -1296,6 +1302,7 @@ impl Agent {
                 }
                 if let Some(g) = self.groups.get_mut(name) {
                     g.resign_pending = true;
+                    g.resigning = true;
                     g.active = false;
                 }
                 self.actions.push_back(Action::Resign {
