@@ -10,6 +10,11 @@
 //! {prefix}admin/nodes/{node}    NodeAdmin     written by operators
 //! {prefix}admin/groups/{group}  GroupAdmin    written by operators, move_to cleared by the new owner
 //! {prefix}failures/{group}      [Failure]     appended by owners (compare-and-swap)
+//!
+//! {base}/journal/{cluster}/…      journal records (etcd; the embedded backend
+//!                                 has a table of its own). Kept outside
+//!                                 {prefix} so agents watching the cluster's
+//!                                 state do not receive every journal record.
 //! ```
 
 use std::collections::BTreeMap;
@@ -23,6 +28,7 @@ use understudy_core::observed::Failure;
 #[derive(Clone, Debug)]
 pub struct Keys {
     prefix: String,
+    journal: String,
 }
 
 /// What a key is about.
@@ -54,13 +60,21 @@ impl Keys {
     /// Keys under `{base}/{cluster}/`; `base` is `/understudy` unless the
     /// definition says otherwise.
     pub fn new(base: &str, cluster: &str) -> Keys {
+        let base = base.trim_end_matches('/');
         Keys {
-            prefix: format!("{}/{cluster}/", base.trim_end_matches('/')),
+            prefix: format!("{base}/{cluster}/"),
+            journal: format!("{base}/journal/{cluster}/"),
         }
     }
 
+    /// Prefix of the cluster's state (what agents watch).
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// Prefix of the cluster's journal records, outside `prefix()`.
+    pub fn journal_prefix(&self) -> &str {
+        &self.journal
     }
 
     pub fn node(&self, node: &str) -> String {

@@ -34,11 +34,16 @@ impl StopWithParent for Command {
     }
 }
 
+/// Makes the `Command` that runs a node's agent program (e.g. one that
+/// enters the node's network namespace first).
+pub type CommandFactory = Box<dyn Fn(&str, &Path) -> Command + Send>;
+
 pub struct LocalCluster {
     exe: PathBuf,
     dir: PathBuf,
     config: PathBuf,
     agents: BTreeMap<String, Child>,
+    command: CommandFactory,
 }
 
 impl LocalCluster {
@@ -49,7 +54,15 @@ impl LocalCluster {
             dir: dir.to_path_buf(),
             config: config.to_path_buf(),
             agents: BTreeMap::new(),
+            command: Box::new(|_, exe| Command::new(exe)),
         }
+    }
+
+    /// Runs each node's agent through `factory(node, exe)` instead of
+    /// `Command::new(exe)`.
+    pub fn with_command(mut self, factory: CommandFactory) -> LocalCluster {
+        self.command = factory;
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -72,7 +85,7 @@ impl LocalCluster {
         let state = self.state_dir(node);
         fs::create_dir_all(&state)?;
         let log = File::options().create(true).append(true).open(self.log_path(node))?;
-        let child = Command::new(&self.exe)
+        let child = (self.command)(node, &self.exe)
             .arg("agent")
             .arg("--config")
             .arg(&self.config)

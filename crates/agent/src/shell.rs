@@ -68,7 +68,9 @@ struct Shell {
     guard: Arc<Guard>,
     tx: UnboundedSender<Event>,
     lease: Option<i64>,
-    last_status: Option<String>,
+    /// The status last published, and the lease it was attached to: a new
+    /// session must republish even an unchanged status.
+    last_status: Option<(i64, String)>,
 }
 
 /// Runs the agent until it has moved its groups away after SIGTERM/SIGINT.
@@ -454,10 +456,14 @@ impl Shell {
     fn publish_status(&mut self, agent: &Agent) {
         let Some(lease) = self.lease else { return };
         let status = String::from_utf8_lossy(&json(&agent.status())).into_owned();
-        if self.last_status.as_deref() == Some(status.as_str()) {
+        if self
+            .last_status
+            .as_ref()
+            .is_some_and(|(l, s)| *l == lease && *s == status)
+        {
             return;
         }
-        self.last_status = Some(status.clone());
+        self.last_status = Some((lease, status.clone()));
         let _ = self.ordered.send(Ordered::Status {
             key: self.opts.keys.status(&self.opts.node),
             value: status.into_bytes(),

@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use understudy_agent::Keys;
 use understudy_config::Source;
 use understudy_coord::Coordinator;
+use understudy_coord::etcd::{EtcdCoordinator, EtcdOptions};
 use understudy_coord::sqlite::SqliteCoordinator;
 use understudy_core::ClusterSpec;
 use understudy_core::spec::CoordinatorSpec;
@@ -98,8 +99,27 @@ pub async fn open(explicit: Option<&Path>) -> Result<Cluster> {
                 format!("embedded ({})", db.display()),
             )
         }
-        CoordinatorSpec::Etcd(_) => {
-            bail!("the etcd coordinator is not available in this build yet; use `coordinator = \"embedded\"`")
+        CoordinatorSpec::Etcd(etcd) => {
+            let keys = Keys::new(&etcd.prefix, &spec.name);
+            let resolve = |file: &Option<String>| {
+                file.as_ref().map(|p| match Path::new(p) {
+                    p if p.is_absolute() => p.to_path_buf(),
+                    p => base_dir.join(p),
+                })
+            };
+            // The journal lives beside the cluster's state, not under it, so
+            // watching the state does not stream every journal record.
+            let mut opts = EtcdOptions::new(etcd.endpoints.clone(), keys.journal_prefix().to_string());
+            opts.ca_file = resolve(&etcd.ca_file);
+            opts.cert_file = resolve(&etcd.cert_file);
+            opts.key_file = resolve(&etcd.key_file);
+            opts.username = etcd.username.clone();
+            opts.password_file = resolve(&etcd.password_file);
+            let desc = format!("etcd ({})", etcd.endpoints.join(", "));
+            let coord = EtcdCoordinator::connect(opts)
+                .await
+                .with_context(|| format!("cannot connect to {desc}"))?;
+            (Arc::new(coord), keys, desc)
         }
     };
     Ok(Cluster {

@@ -176,6 +176,7 @@ fn agent(config: Option<PathBuf>, node: String, state_dir: Option<PathBuf>) -> R
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = context::runtime()?;
     rt.block_on(async {

@@ -14,15 +14,19 @@
 //! - an append-only **event journal** (`understudy events`).
 //!
 //! Backends: [`sqlite::SqliteCoordinator`] (embedded, one host, one file shared
-//! by every agent process) and, for multi-host clusters, etcd. Both pass the
-//! same [`conformance`] suite.
+//! by every agent process) and, for multi-host clusters,
+//! [`etcd::EtcdCoordinator`]. Both pass the same [`conformance`] suite. With
+//! the `testing` feature, `testing` starts real etcd servers on loopback.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 pub mod conformance;
+pub mod etcd;
 pub mod sqlite;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 /// A store revision. Starts at 1 for the first write; 0 means "before anything".
 pub type Revision = i64;

@@ -272,6 +272,9 @@ struct Res {
     /// An optional member that failed: skipped until the group restarts.
     skipped: bool,
     urgent: bool,
+    /// The stop in flight was forced (`urgent` may have been set after an
+    /// orderly stop was issued; only a forced stop's failure is final).
+    forced: bool,
     /// Increases with every start, so a monitor result about an earlier
     /// instance is recognised and ignored.
     epoch: u64,
@@ -288,6 +291,7 @@ impl Res {
             last_health: None,
             skipped: false,
             urgent: false,
+            forced: false,
             epoch: 0,
         }
     }
@@ -321,6 +325,8 @@ struct GroupRun {
     /// if the plan changes its mind or the resign fails (it may have taken
     /// effect), so nothing of the group starts under it again.
     resigning: bool,
+    /// The token of the last resign sent (`Resigned` does not name it).
+    resign_token: Option<i64>,
     /// Announced "group started" for the current run.
     started_announced: bool,
     /// Resources of the group were touched and not all stopped since.
@@ -386,6 +392,8 @@ pub struct Agent {
     retry_at: Option<Time>,
     actions: VecDeque<Action>,
     last_plan: Option<Plan>,
+    /// The deadline last handed to the fence guard.
+    guard: Option<Time>,
 }
 
 impl Agent {
@@ -440,6 +448,7 @@ impl Agent {
             retry_at: None,
             actions: VecDeque::new(),
             last_plan: None,
+            guard: None,
             spec,
         }
     }
@@ -469,9 +478,16 @@ impl Agent {
                 at(next_renew);
             }
         }
-        for r in self.res.values() {
+        for (name, r) in &self.res {
+            // Only checks `schedule_monitors` would run: a due time left on a
+            // stopped resource, or on one waiting to restart, would wake the
+            // agent at once, over and over.
+            let checked =
+                r.state == ResState::Running || self.spec_of(name).is_some_and(|s| s.role == Role::MonitorOnly);
             if let Some(due) = r.monitor_due
                 && !r.monitor_in_flight
+                && !r.restart
+                && checked
             {
                 at(due);
             }
@@ -560,7 +576,6 @@ impl Agent {
                     next_renew: sent_at + self.renew_interval,
                     renew_in_flight: false,
                 };
-                self.arm_guard(deadline);
                 self.journal(
                     EntryKind::SessionOpened,
                     None,
@@ -599,7 +614,6 @@ impl Agent {
                         next_renew: next_renew.max(sent_at + self.renew_interval),
                         renew_in_flight: false,
                     };
-                    self.arm_guard(deadline);
                 }
             }
             Event::RenewFailed { lease: failed } => {
@@ -637,7 +651,11 @@ impl Agent {
             Event::Resigned { group, ok } => {
                 if let Some(g) = self.groups.get_mut(&group) {
                     g.resign_pending = false;
-                    if ok {
+                    let token = g.resign_token.take();
+                    if ok && g.held.is_some() && g.held != token {
+                        // The answer is about an older key (given back, or
+                        // stale); the key won since stays held.
+                    } else if ok {
                         g.released = g.held.or(g.released);
                         g.held = None;
                         g.confirmed = false;
@@ -686,12 +704,30 @@ impl Agent {
         sent_at + self.lease_ttl.saturating_sub(self.fence_margin)
     }
 
-    fn arm_guard(&mut self, deadline: Time) {
-        // The guard acts half a margin after the agent would have fenced:
-        // still before the coordinator can expire the lease.
-        self.actions.push_back(Action::ArmGuard {
-            deadline: deadline + self.fence_margin / 2,
+    /// Keeps the fence guard armed for the session's deadline. The guard
+    /// acts half a margin after the agent would have fenced: still before
+    /// the coordinator can expire the lease.
+    ///
+    /// Resources still alive after their authority was lost (fenced, or
+    /// ownership lost, while they were starting or stopping) must be dead by
+    /// the deadline already armed, which comes before their lease can
+    /// expire: until they have stopped, a new session or a renewal does not
+    /// move the guard. Once they have, the guard is armed for the current
+    /// session before anything can start under it.
+    fn sync_guard(&mut self) {
+        let Session::Open { deadline, .. } = self.session else {
+            return;
+        };
+        let lost_alive = self.res.iter().any(|(name, r)| {
+            r.urgent
+                && matches!(r.state, ResState::Starting | ResState::Running | ResState::Stopping)
+                && self.spec_of(name).is_some_and(|s| s.role == Role::Managed)
         });
+        let want = deadline + self.fence_margin / 2;
+        if !lost_alive && self.guard != Some(want) {
+            self.guard = Some(want);
+            self.actions.push_back(Action::ArmGuard { deadline: want });
+        }
     }
 
     fn journal(&mut self, kind: EntryKind, group: Option<&str>, resource: Option<&str>, message: String) {
@@ -714,11 +750,12 @@ impl Agent {
                 format!("{why}: stopping {} at once", held.join(", ")),
             );
         }
+        // A resign in flight stays pending: its answer must not be taken
+        // for one about a key won later (`Resigned` names no token).
         for g in self.groups.values_mut() {
             g.held = None;
             g.confirmed = false;
             g.campaign_lease = None;
-            g.resign_pending = false;
             g.started_announced = false;
         }
         for name in self.group_resource_names() {
@@ -749,16 +786,17 @@ impl Agent {
             let Some(token) = g.held else { continue };
             match view.owners.get(name) {
                 Some(o) if o.node == self.node && o.token == token => g.confirmed = true,
-                Some(_) => lost.push(name.clone()),
-                None if g.confirmed || view.revision >= token => lost.push(name.clone()),
-                None => {}
+                // A view older than our key (a lagging watch) says nothing
+                // about it, whoever it shows as owner.
+                _ if !g.confirmed && view.revision < token => {}
+                _ => lost.push(name.clone()),
             }
         }
         for name in lost {
+            // (A resign in flight stays pending, as in `fence`.)
             if let Some(g) = self.groups.get_mut(&name) {
                 g.held = None;
                 g.confirmed = false;
-                g.resign_pending = false;
                 g.started_announced = false;
             }
             let names: Vec<String> = self.managed_of(&name);
@@ -813,6 +851,7 @@ impl Agent {
             // lease that may expire at any moment. Give it back, run nothing.
             g.released = Some(token);
             g.resign_pending = true;
+            g.resign_token = Some(token);
             self.actions.push_back(Action::Resign {
                 group: group.to_string(),
                 token,
@@ -858,7 +897,7 @@ impl Agent {
                 self.journal(EntryKind::Stopped, Some(&group), Some(resource), "stopped".into());
             }
             (Op::Stop, Err(e)) => {
-                if r.urgent {
+                if r.forced {
                     r.state = ResState::StopFailed;
                     self.journal(
                         EntryKind::StopFailed,
@@ -1138,7 +1177,13 @@ impl Agent {
             observed.groups.insert(
                 g.name.clone(),
                 GroupState {
-                    owner: view.owners.get(&g.name).map(|o| o.node.clone()),
+                    // A key this node holds is its own, even before a
+                    // (lagging) view shows it.
+                    owner: if self.groups.get(&g.name).is_some_and(|x| x.held.is_some()) {
+                        Some(self.node.clone())
+                    } else {
+                        view.owners.get(&g.name).map(|o| o.node.clone())
+                    },
                     maintenance: admin.maintenance,
                     stopped: admin.stopped,
                     move_to: admin.move_to.clone(),
@@ -1186,6 +1231,7 @@ impl Agent {
             self.leaving_sent = true;
             self.actions.push_back(Action::SetLeaving);
         }
+        self.sync_guard();
 
         // 2. Nothing is decided before the first view arrives, except
         //    stopping what must stop.
@@ -1230,7 +1276,12 @@ impl Agent {
         let managed: Vec<String> = order.start_waves.iter().flatten().cloned().collect();
         let any_urgent = managed.iter().any(|r| self.res.get(r).is_some_and(|x| x.urgent));
 
-        // Stale ownership from an earlier run of this agent: release it.
+        // Stale ownership from an earlier run of this agent (or an earlier
+        // session of this one): release it, once nothing of the group runs
+        // here any more — until then the key keeps other nodes away.
+        let all_stopped = managed
+            .iter()
+            .all(|r| self.res.get(r).is_none_or(|x| x.state == ResState::Stopped));
         let session_lease = match self.session {
             Session::Open { lease, deadline, .. } if now.mono < deadline => Some(lease),
             _ => None,
@@ -1243,6 +1294,7 @@ impl Agent {
             && !g.resign_pending
             && g.released != Some(owner.token)
             && session_lease.is_some()
+            && all_stopped
         {
             let token = owner.token;
             self.journal(
@@ -1254,6 +1306,7 @@ impl Agent {
             if let Some(g) = self.groups.get_mut(name) {
                 g.resign_pending = true;
                 g.released = Some(token);
+                g.resign_token = Some(token);
             }
             self.actions.push_back(Action::Resign {
                 group: name.to_string(),
@@ -1293,7 +1346,34 @@ impl Agent {
         if frozen {
             return;
         }
-        let leave = g.failing_over || g.resigning || !target_me;
+        // A clone the group needs was given up on this node (after the group
+        // had been placed here, or while it ran elsewhere): an optional
+        // member needing it is skipped; otherwise the group cannot run here
+        // and fails over like a group whose member failed.
+        let mut given_up = false;
+        for e in &order.external {
+            if !e.clone || !self.clone_given_up(&e.needs) {
+                continue;
+            }
+            let why = format!("needed clone {} was given up on this node", e.needs);
+            if self.spec_of(&e.resource).is_some_and(|r| r.optional) {
+                if let Some(r) = self.res.get_mut(&e.resource)
+                    && !r.skipped
+                {
+                    r.skipped = true;
+                    self.journal(
+                        EntryKind::GaveUp,
+                        Some(name),
+                        Some(&e.resource),
+                        format!("{why}; optional member left stopped"),
+                    );
+                }
+            } else {
+                given_up = true;
+                self.fail_over(now, name, &e.resource, &why);
+            }
+        }
+        let leave = g.failing_over || g.resigning || !target_me || given_up;
         if leave {
             let done = self.stop_in_order(name, &order, false);
             if done && !g.resign_pending {
@@ -1303,6 +1383,7 @@ impl Agent {
                 if let Some(g) = self.groups.get_mut(name) {
                     g.resign_pending = true;
                     g.resigning = true;
+                    g.resign_token = Some(authority.token);
                     g.active = false;
                 }
                 self.actions.push_back(Action::Resign {
@@ -1383,6 +1464,25 @@ impl Agent {
         complete
     }
 
+    /// The clone, or a clone it depends on, was given up on this node: it
+    /// will not run here again.
+    fn clone_given_up(&self, clone: &str) -> bool {
+        let mut stack = vec![clone];
+        let mut seen = BTreeSet::new();
+        while let Some(c) = stack.pop() {
+            if !seen.insert(c) {
+                continue;
+            }
+            if self.res.get(c).is_some_and(|x| x.skipped) {
+                return true;
+            }
+            if let Some(ds) = self.deps.get(c) {
+                stack.extend(ds.iter().map(String::as_str));
+            }
+        }
+        false
+    }
+
     fn deps_running(&self, resource: &str) -> bool {
         self.deps.get(resource).is_none_or(|ds| {
             ds.iter().all(|d| {
@@ -1390,9 +1490,16 @@ impl Agent {
                 if spec.role == Role::MonitorOnly {
                     return true;
                 }
-                self.res
-                    .get(d)
-                    .is_some_and(|x| x.state == ResState::Running || (x.skipped && spec.optional))
+                // A dependency waiting to restart does not count as running:
+                // it stops (after its dependents) and starts again first.
+                // Nor does one whose last check failed while nothing was done
+                // about it (maintenance): its next check decides. A skipped
+                // optional member counts once it is no longer stopping.
+                let acting = spec.monitor.is_some_and(|m| m.on_fail != OnFail::Report);
+                self.res.get(d).is_some_and(|x| {
+                    let failed = acting && matches!(x.last_health, Some(Health::Failed(_)) | Some(Health::Stopped));
+                    (x.state == ResState::Running && !x.restart && !failed) || (x.skipped && spec.optional && !x.busy())
+                })
             })
         })
     }
@@ -1440,9 +1547,11 @@ impl Agent {
     fn dependents_running(&self, resource: &str) -> bool {
         self.dependents.get(resource).is_some_and(|ds| {
             ds.iter().any(|d| {
-                self.res
-                    .get(d)
-                    .is_some_and(|x| x.state != ResState::Stopped && !x.skipped || x.busy())
+                // A skipped member that failed is not running; one that was
+                // given up while running still is, until it has stopped.
+                self.res.get(d).is_some_and(|x| {
+                    x.state != ResState::Stopped && !x.skipped || x.busy() || x.state == ResState::Running
+                })
             })
         })
     }
@@ -1451,6 +1560,7 @@ impl Agent {
         if let Some(r) = self.res.get_mut(resource) {
             r.state = ResState::Stopping;
             r.monitor_due = None;
+            r.forced = urgent;
         }
         self.journal(
             EntryKind::Stopping,
@@ -1488,8 +1598,10 @@ impl Agent {
                 let Some(res) = self.res.get(r) else { continue };
                 let stop = !want.contains(r) || res.restart || res.skipped;
                 if stop && res.needs_stop() && !self.dependents_running(r) {
+                    // Forced after an orderly stop failed.
+                    let force = res.urgent;
                     let group = self.group_of.get(r).cloned().unwrap_or_default();
-                    self.issue_stop(&group, r, false);
+                    self.issue_stop(&group, r, force);
                 }
                 if let Some(res) = self.res.get_mut(r)
                     && res.restart

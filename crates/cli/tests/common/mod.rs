@@ -3,8 +3,11 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod bed;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -79,30 +82,50 @@ monitor_only = true
 pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub agents: LocalCluster,
-    pub coord: SqliteCoordinator,
+    pub coord: Arc<dyn Coordinator>,
     pub keys: Keys,
 }
 
 pub const NODES: [&str; 3] = ["node1", "node2", "node3"];
 
 impl TestCluster {
-    /// Writes `definition` and the stand-in script; opens the coordinator; starts nothing.
-    pub async fn new(definition: &str) -> TestCluster {
+    /// Writes `definition` and the stand-in script into a temp dir.
+    pub fn prepare(definition: &str) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("cluster.toml");
-        std::fs::write(&config, definition).unwrap();
+        std::fs::write(dir.path().join("cluster.toml"), definition).unwrap();
         let standin = dir.path().join("standin");
         std::fs::write(&standin, STANDIN).unwrap();
         std::fs::set_permissions(&standin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        dir
+    }
+
+    /// A cluster on the embedded coordinator; starts nothing.
+    pub async fn new(definition: &str) -> TestCluster {
+        let dir = Self::prepare(definition);
         let coord = SqliteCoordinator::open(&dir.path().join("coordinator.db"))
             .await
             .unwrap();
-        let agents = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_understudy")), dir.path(), &config);
+        Self::with(dir, Arc::new(coord), Keys::new("/understudy", "it"), None)
+    }
+
+    /// A cluster in `dir` (see `prepare`) on `coord`; agents are started
+    /// through `command` when given (e.g. inside network namespaces).
+    pub fn with(
+        dir: tempfile::TempDir,
+        coord: Arc<dyn Coordinator>,
+        keys: Keys,
+        command: Option<understudy_agent::local::CommandFactory>,
+    ) -> TestCluster {
+        let config = dir.path().join("cluster.toml");
+        let mut agents = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_understudy")), dir.path(), &config);
+        if let Some(command) = command {
+            agents = agents.with_command(command);
+        }
         TestCluster {
             dir,
             agents,
             coord,
-            keys: Keys::new("/understudy", "it"),
+            keys,
         }
     }
 

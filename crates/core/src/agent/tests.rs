@@ -509,3 +509,713 @@ fn monitor_only_resources_are_checked_on_the_owner_and_never_started() {
     );
     assert_eq!(Duration::from_secs(1), Duration::from_millis(1_000));
 }
+
+/// Simulator seed 2: the plan flipped back to this node while its resign
+/// was in flight, and it started the group again; the resign then deleted
+/// the key and another node started the group too.
+#[test]
+fn a_group_being_resigned_is_not_started_again() {
+    let mut h = Harness::new(spec(), "node1");
+    h.boot(7, &["node1", "node2"], &[]);
+    let out = h.step(Event::CampaignResult {
+        group: "mgmt".into(),
+        lease: 7,
+        won: Some(42),
+    });
+    assert_eq!(starts(&out), ["vip"]);
+    // The operator moves the group to node2: vip stops, the key is resigned.
+    let mut moved = view(42, &["node1", "node2"], &[("mgmt", "node1", 42)]);
+    moved.group_admin.insert(
+        "mgmt".into(),
+        GroupAdmin {
+            move_to: Some("node2".into()),
+            ..GroupAdmin::default()
+        },
+    );
+    h.step(Event::View(moved));
+    let out = h.step(ok("vip", Op::Start));
+    assert_eq!(stops(&out), [("vip".to_string(), false)]);
+    let out = h.step(ok("vip", Op::Stop));
+    assert!(out.contains(&Action::Resign {
+        group: "mgmt".into(),
+        token: 42
+    }));
+    // The move request is withdrawn: the plan says node1 again, but the
+    // key is on its way out.
+    let out = h.step(Event::View(view(43, &["node1", "node2"], &[("mgmt", "node1", 42)])));
+    assert!(starts(&out).is_empty(), "{out:?}");
+    // The resign timed out; it may have taken effect: retry, start nothing.
+    let out = h.step(Event::Resigned {
+        group: "mgmt".into(),
+        ok: false,
+    });
+    assert!(starts(&out).is_empty(), "{out:?}");
+    assert!(out.contains(&Action::Resign {
+        group: "mgmt".into(),
+        token: 42
+    }));
+    let out = h.step(Event::Resigned {
+        group: "mgmt".into(),
+        ok: true,
+    });
+    assert!(starts(&out).is_empty(), "{out:?}");
+    assert!(h.agent.holds().is_empty());
+}
+
+/// Simulator seed 33: a monitor result that arrived after its resource was
+/// stopped left a due time on it that no monitor would ever clear, and
+/// `poll_timeout` kept returning that past instant (a busy loop).
+#[test]
+fn no_wake_up_for_monitors_of_stopped_resources() {
+    let mut h = running_owner();
+    let out = h.advance(1_000);
+    let epoch = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Monitor { resource, epoch, .. } if resource == "app" => Some(*epoch),
+            _ => None,
+        })
+        .expect("app is monitored");
+    // Ownership is lost while the monitor runs: everything stops at once.
+    let out = h.step(Event::View(view(50, &["node1", "node2"], &[("mgmt", "node2", 50)])));
+    assert_eq!(stops(&out).len(), 4);
+    for r in ["vip", "db", "web", "app"] {
+        h.step(ok(r, Op::Stop));
+    }
+    h.step(Event::Renewed {
+        lease: 7,
+        sent_at: Time(h.mono),
+    });
+    // The monitor's (stale) result arrives after the stop.
+    h.step(Event::MonitorDone {
+        resource: "app".into(),
+        epoch,
+        health: Health::Running,
+    });
+    h.advance(1_100);
+    let next = h.agent.poll_timeout();
+    assert!(next.is_none_or(|t| t > h.now().mono), "{next:?} at {:?}", h.now().mono);
+    // A restart waiting for its dependents does not wake the agent either.
+    let mut h = running_owner();
+    let out = h.advance(1_000);
+    let epoch = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Monitor { resource, epoch, .. } if resource == "db" => Some(*epoch),
+            _ => None,
+        })
+        .expect("db is monitored");
+    h.step(Event::Renewed {
+        lease: 7,
+        sent_at: Time(h.mono),
+    });
+    let out = h.step(Event::MonitorDone {
+        resource: "db".into(),
+        epoch,
+        health: Health::Failed("dead".into()),
+    });
+    assert_eq!(stops(&out), [("app".to_string(), false)], "db waits for app to stop");
+    // app takes long to stop; db's next check would be due meanwhile.
+    h.advance(1_200);
+    let next = h.agent.poll_timeout();
+    assert!(next.is_none_or(|t| t > h.now().mono), "{next:?} at {:?}", h.now().mono);
+}
+
+/// Simulator seed 146: a clone died and was marked for restart together
+/// with the group member depending on it; the member was stopped and then
+/// started again at once, while the dead clone still counted as running
+/// (and the clone, with its dependent back up, never restarted).
+#[test]
+fn a_dependent_waits_for_its_dependency_to_restart() {
+    let mut spec = testkit::cluster(2);
+    let mut g = testkit::group(&spec, "mgmt");
+    g.resources = vec![
+        testkit::clone_process("tomcat", &[]),
+        testkit::process("app", &["tomcat"]),
+    ];
+    spec.groups.push(g);
+    let mut h = Harness::new(spec, "node1");
+    h.boot(4, &["node1", "node2"], &[]);
+    h.step(Event::CampaignResult {
+        group: "mgmt".into(),
+        lease: 4,
+        won: Some(11),
+    });
+    h.step(Event::View(view(11, &["node1", "node2"], &[("mgmt", "node1", 11)])));
+    let out = h.step(ok("tomcat", Op::Start));
+    assert_eq!(starts(&out), ["app"]);
+    h.step(ok("app", Op::Start));
+    let out = h.advance(1_000);
+    let epoch = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Monitor { resource, epoch, .. } if resource == "tomcat" => Some(*epoch),
+            _ => None,
+        })
+        .expect("tomcat is monitored");
+    h.step(Event::Renewed {
+        lease: 4,
+        sent_at: Time(h.mono),
+    });
+    let out = h.step(Event::MonitorDone {
+        resource: "tomcat".into(),
+        epoch,
+        health: Health::Failed("exited".into()),
+    });
+    assert_eq!(stops(&out), [("app".to_string(), false)], "the dependent stops first");
+    let out = h.step(ok("app", Op::Stop));
+    assert!(starts(&out).is_empty(), "app waits for tomcat's restart: {out:?}");
+    assert_eq!(stops(&out), [("tomcat".to_string(), false)]);
+    let out = h.step(ok("tomcat", Op::Stop));
+    assert_eq!(starts(&out), ["tomcat"]);
+    let out = h.step(ok("tomcat", Op::Start));
+    assert_eq!(starts(&out), ["app"]);
+}
+
+/// Simulator seed 1433: fenced while a start was still running, the agent
+/// opened a new session and (1) re-armed the guard with the new session's
+/// deadline, so the guard no longer killed the starting process before the
+/// old lease expired, and (2) released its old owner key at once, as if
+/// left by an earlier run, while that process was still alive.
+#[test]
+fn after_fencing_a_busy_resource_keeps_the_guard_and_the_key() {
+    let mut h = Harness::new(spec(), "node1");
+    h.boot(7, &["node1", "node2"], &[]);
+    let out = h.step(Event::CampaignResult {
+        group: "mgmt".into(),
+        lease: 7,
+        won: Some(42),
+    });
+    assert_eq!(starts(&out), ["vip"]);
+    h.step(Event::View(view(42, &["node1", "node2"], &[("mgmt", "node1", 42)])));
+    // No renewal is acknowledged; vip is still starting at the deadline.
+    let out = h.advance(1_500);
+    assert!(journal_kinds(&out).contains(&EntryKind::Fenced), "{out:?}");
+    assert!(out.contains(&Action::OpenSession));
+    let out = h.step(Event::SessionOpened {
+        lease: 8,
+        sent_at: Time(h.mono),
+    });
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::ArmGuard { .. })),
+        "the guard must still kill vip at the old deadline: {out:?}"
+    );
+    assert!(!out.iter().any(|a| matches!(a, Action::Resign { .. })), "{out:?}");
+    // The old key (on the old lease, not expired yet) is not released
+    // while vip may still run.
+    let out = h.step(Event::View(view(43, &["node1", "node2"], &[("mgmt", "node1", 42)])));
+    assert!(!out.iter().any(|a| matches!(a, Action::Resign { .. })), "{out:?}");
+    let out = h.step(ok("vip", Op::Start));
+    assert_eq!(stops(&out), [("vip".to_string(), true)]);
+    // Once vip is down, the guard follows the new session (before anything
+    // can start under it) and the old key is released.
+    let out = h.step(ok("vip", Op::Stop));
+    assert!(out.contains(&Action::ArmGuard { deadline: Time(4_250) }), "{out:?}");
+    assert!(out.contains(&Action::Resign {
+        group: "mgmt".into(),
+        token: 42
+    }));
+}
+
+/// Simulator seed 1511: an orderly stop of a clone failed; the agent meant
+/// to force it but stopped it orderly again, and on the second failure
+/// gave it up as "failed even when forced".
+#[test]
+fn a_clone_whose_orderly_stop_failed_is_stopped_by_force() {
+    let mut spec = testkit::cluster(2);
+    let mut g = testkit::group(&spec, "mgmt");
+    g.resources = vec![testkit::clone_process("tomcat", &[]), testkit::process("app", &[])];
+    spec.groups.push(g);
+    let mut h = Harness::new(spec, "node2");
+    let out = h.boot(3, &["node1", "node2"], &[("mgmt", "node1", 9)]);
+    assert_eq!(starts(&out), ["tomcat"]);
+    h.step(ok("tomcat", Op::Start));
+    let out = h.step(Event::Shutdown);
+    assert_eq!(stops(&out), [("tomcat".to_string(), false)]);
+    let out = h.step(Event::OpDone {
+        resource: "tomcat".into(),
+        op: Op::Stop,
+        result: Err("still running after stop_timeout".into()),
+    });
+    assert_eq!(stops(&out), [("tomcat".to_string(), true)], "{out:?}");
+    let out = h.step(ok("tomcat", Op::Stop));
+    assert!(out.contains(&Action::Exit), "{out:?}");
+}
+
+/// Simulator seed 95: a clone was given up on a standby node; later the
+/// group that needs it failed over to that node, where its member waited
+/// for the clone forever.
+#[test]
+fn a_group_placed_where_its_clone_was_given_up_fails_over() {
+    let mut spec = testkit::cluster(2);
+    let mut g = testkit::group(&spec, "mgmt");
+    let mut tomcat = testkit::clone_process("tomcat", &[]);
+    if let Some(m) = &mut tomcat.monitor {
+        m.on_fail = OnFail::Failover;
+    }
+    // app needs tomcat through a second clone: giving up tomcat is enough.
+    g.resources = vec![
+        tomcat,
+        testkit::clone_process("ajp", &["tomcat"]),
+        testkit::process("app", &["ajp"]),
+    ];
+    spec.groups.push(g);
+    let mut h = Harness::new(spec, "node2");
+    let out = h.boot(3, &["node1", "node2"], &[("mgmt", "node1", 9)]);
+    assert_eq!(starts(&out), ["tomcat"]);
+    let out = h.step(ok("tomcat", Op::Start));
+    assert_eq!(starts(&out), ["ajp"]);
+    h.step(ok("ajp", Op::Start));
+    let out = h.advance(1_000);
+    let epoch = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Monitor { resource, epoch, .. } if resource == "tomcat" => Some(*epoch),
+            _ => None,
+        })
+        .expect("tomcat is monitored");
+    h.step(Event::Renewed {
+        lease: 3,
+        sent_at: Time(h.mono),
+    });
+    let out = h.step(Event::MonitorDone {
+        resource: "tomcat".into(),
+        epoch,
+        health: Health::Failed("exited".into()),
+    });
+    assert!(journal_kinds(&out).contains(&EntryKind::GaveUp), "{out:?}");
+    assert_eq!(stops(&out), [("ajp".to_string(), false)]);
+    let out = h.step(ok("ajp", Op::Stop));
+    assert_eq!(stops(&out), [("tomcat".to_string(), false)]);
+    h.step(ok("tomcat", Op::Stop));
+    // node1 is gone; the group comes here.
+    let out = h.step(Event::View(view(20, &["node2"], &[])));
+    assert!(out.contains(&Action::Campaign {
+        group: "mgmt".into(),
+        lease: 3
+    }));
+    let out = h.step(Event::CampaignResult {
+        group: "mgmt".into(),
+        lease: 3,
+        won: Some(21),
+    });
+    assert!(
+        out.iter().any(
+            |a| matches!(a, Action::RecordFailure { group, failure } if group == "mgmt" && failure.node == "node2")
+        ),
+        "{out:?}"
+    );
+    assert!(out.contains(&Action::Resign {
+        group: "mgmt".into(),
+        token: 21
+    }));
+    assert!(starts(&out).is_empty());
+}
+
+/// Simulator seed 2348: a clone's check failed during maintenance (no
+/// action taken); right after maintenance the group came here and its
+/// member started on the dead clone.
+#[test]
+fn a_dependency_whose_check_failed_in_maintenance_does_not_count_as_running() {
+    let mut spec = testkit::cluster(2);
+    let mut g = testkit::group(&spec, "mgmt");
+    g.resources = vec![
+        testkit::clone_process("tomcat", &[]),
+        testkit::process("app", &["tomcat"]),
+    ];
+    spec.groups.push(g);
+    let mut h = Harness::new(spec, "node1");
+    h.boot(3, &["node1", "node2"], &[("mgmt", "node2", 9)]);
+    h.step(ok("tomcat", Op::Start));
+    let mut frozen = view(12, &["node1", "node2"], &[("mgmt", "node2", 9)]);
+    frozen.maintenance = true;
+    h.step(Event::View(frozen));
+    let monitor = |out: &[Action]| {
+        out.iter()
+            .find_map(|a| match a {
+                Action::Monitor { resource, epoch, .. } if resource == "tomcat" => Some(*epoch),
+                _ => None,
+            })
+            .expect("tomcat is monitored")
+    };
+    let epoch = monitor(&h.advance(1_000));
+    h.step(Event::Renewed {
+        lease: 3,
+        sent_at: Time(h.mono),
+    });
+    let out = h.step(Event::MonitorDone {
+        resource: "tomcat".into(),
+        epoch,
+        health: Health::Failed("exited".into()),
+    });
+    assert!(stops(&out).is_empty(), "maintenance: no action");
+    // Maintenance ends and node2 is gone: the group comes here.
+    h.step(Event::View(view(13, &["node1"], &[])));
+    let out = h.step(Event::CampaignResult {
+        group: "mgmt".into(),
+        lease: 3,
+        won: Some(14),
+    });
+    assert!(starts(&out).is_empty(), "tomcat's last check failed: {out:?}");
+    // The next check still fails: tomcat restarts, then app starts.
+    let epoch = monitor(&h.advance(1_000));
+    h.step(Event::Renewed {
+        lease: 3,
+        sent_at: Time(h.mono),
+    });
+    let out = h.step(Event::MonitorDone {
+        resource: "tomcat".into(),
+        epoch,
+        health: Health::Failed("exited".into()),
+    });
+    assert_eq!(stops(&out), [("tomcat".to_string(), false)], "{out:?}");
+    let out = h.step(ok("tomcat", Op::Stop));
+    assert_eq!(starts(&out), ["tomcat"]);
+    let out = h.step(ok("tomcat", Op::Start));
+    assert_eq!(starts(&out), ["app"]);
+}
+
+/// Simulator seed 3339: an optional member of one group was given up while
+/// a member of a co-located group depending on it restarted; the dependent
+/// started again while the optional member was still stopping.
+#[test]
+fn a_dependent_waits_for_a_given_up_optional_member_to_stop() {
+    let mut spec = testkit::cluster(2);
+    let mut a = testkit::group(&spec, "base");
+    let mut cache = testkit::process("cache", &[]);
+    cache.optional = true;
+    if let Some(m) = &mut cache.monitor {
+        m.restarts = 0;
+    }
+    a.resources = vec![cache];
+    let mut b = testkit::group(&spec, "web");
+    b.colocate_with = vec!["base".into()];
+    b.resources = vec![testkit::process("app", &["cache"])];
+    spec.groups.push(a);
+    spec.groups.push(b);
+    let mut h = Harness::new(spec, "node1");
+    h.boot(5, &["node1", "node2"], &[]);
+    for (group, token) in [("base", 20), ("web", 21)] {
+        h.step(Event::CampaignResult {
+            group: group.into(),
+            lease: 5,
+            won: Some(token),
+        });
+    }
+    h.step(Event::View(view(
+        21,
+        &["node1", "node2"],
+        &[("base", "node1", 20), ("web", "node1", 21)],
+    )));
+    let out = h.step(ok("cache", Op::Start));
+    assert_eq!(starts(&out), ["app"]);
+    h.step(ok("app", Op::Start));
+    let out = h.advance(1_000);
+    let epoch = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Monitor { resource, epoch, .. } if resource == "cache" => Some(*epoch),
+            _ => None,
+        })
+        .expect("cache is monitored");
+    h.step(Event::Renewed {
+        lease: 5,
+        sent_at: Time(h.mono),
+    });
+    let out = h.step(Event::MonitorDone {
+        resource: "cache".into(),
+        epoch,
+        health: Health::Failed("exited".into()),
+    });
+    assert!(journal_kinds(&out).contains(&EntryKind::GaveUp), "{out:?}");
+    assert_eq!(stops(&out), [("app".to_string(), false)]);
+    let out = h.step(ok("app", Op::Stop));
+    assert_eq!(stops(&out), [("cache".to_string(), false)]);
+    assert!(starts(&out).is_empty(), "cache is still stopping: {out:?}");
+    let out = h.step(ok("cache", Op::Stop));
+    assert_eq!(starts(&out), ["app"], "app runs without the optional member");
+}
+
+/// Simulator seed 1243: ownership was lost while orderly stops were in
+/// flight; when those failed, the agent took them for failed forced stops
+/// and gave the resources up ("needs an operator") without forcing them.
+#[test]
+fn an_orderly_stop_that_fails_is_forced_even_if_ownership_was_lost_meanwhile() {
+    let mut h = running_owner();
+    let mut moved = view(50, &["node1", "node2"], &[("mgmt", "node1", 42)]);
+    moved.group_admin.insert(
+        "mgmt".into(),
+        GroupAdmin {
+            move_to: Some("node2".into()),
+            ..GroupAdmin::default()
+        },
+    );
+    let out = h.step(Event::View(moved));
+    let mut first = stops(&out);
+    first.sort();
+    assert_eq!(first, [("app".to_string(), false), ("web".to_string(), false)]);
+    // The key disappears while those stops run.
+    let out = h.step(Event::View(view(51, &["node1", "node2"], &[])));
+    assert!(journal_kinds(&out).contains(&EntryKind::OwnershipLost));
+    let out = h.step(Event::OpDone {
+        resource: "app".into(),
+        op: Op::Stop,
+        result: Err("timed out".into()),
+    });
+    assert!(stops(&out).contains(&("app".to_string(), true)), "{out:?}");
+    assert_ne!(h.agent.resource_state("app"), Some(ResState::StopFailed));
+}
+
+/// Simulator seed 104617 (60 s fault phase): like seed 95, but the member
+/// needing the given-up clone was optional; it waited for the clone
+/// forever, and so did the member depending on it.
+#[test]
+fn an_optional_member_needing_a_given_up_clone_is_skipped() {
+    let mut spec = testkit::cluster(2);
+    let mut g = testkit::group(&spec, "mgmt");
+    let mut tomcat = testkit::clone_process("tomcat", &[]);
+    if let Some(m) = &mut tomcat.monitor {
+        m.on_fail = OnFail::Failover;
+    }
+    let mut plugin = testkit::process("plugin", &["tomcat"]);
+    plugin.optional = true;
+    g.resources = vec![tomcat, plugin, testkit::process("app", &["plugin"])];
+    spec.groups.push(g);
+    let mut h = Harness::new(spec, "node2");
+    h.boot(3, &["node1", "node2"], &[("mgmt", "node1", 9)]);
+    h.step(ok("tomcat", Op::Start));
+    let out = h.advance(1_000);
+    let epoch = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Monitor { resource, epoch, .. } if resource == "tomcat" => Some(*epoch),
+            _ => None,
+        })
+        .expect("tomcat is monitored");
+    h.step(Event::Renewed {
+        lease: 3,
+        sent_at: Time(h.mono),
+    });
+    h.step(Event::MonitorDone {
+        resource: "tomcat".into(),
+        epoch,
+        health: Health::Failed("exited".into()),
+    });
+    h.step(ok("tomcat", Op::Stop));
+    h.step(Event::View(view(20, &["node2"], &[])));
+    let out = h.step(Event::CampaignResult {
+        group: "mgmt".into(),
+        lease: 3,
+        won: Some(21),
+    });
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::RecordFailure { .. })),
+        "{out:?}"
+    );
+    assert_eq!(starts(&out), ["app"], "app runs without the optional plugin");
+}
+
+/// Simulator seed 104: a clone was given up on the owner; the optional
+/// member needing it, still running, was skipped, and skipped members did
+/// not count as running dependents, so the clone was stopped first.
+#[test]
+fn a_running_skipped_member_still_holds_its_dependencies() {
+    let mut spec = testkit::cluster(2);
+    let mut g = testkit::group(&spec, "mgmt");
+    let mut tomcat = testkit::clone_process("tomcat", &[]);
+    if let Some(m) = &mut tomcat.monitor {
+        m.on_fail = OnFail::Failover;
+    }
+    let mut plugin = testkit::process("plugin", &["tomcat"]);
+    plugin.optional = true;
+    g.resources = vec![tomcat, plugin, testkit::process("app", &["plugin"])];
+    spec.groups.push(g);
+    let mut h = Harness::new(spec, "node1");
+    h.boot(3, &["node1", "node2"], &[]);
+    h.step(Event::CampaignResult {
+        group: "mgmt".into(),
+        lease: 3,
+        won: Some(9),
+    });
+    h.step(Event::View(view(9, &["node1", "node2"], &[("mgmt", "node1", 9)])));
+    let out = h.step(ok("tomcat", Op::Start));
+    assert_eq!(starts(&out), ["plugin"]);
+    let out = h.step(ok("plugin", Op::Start));
+    assert_eq!(starts(&out), ["app"]);
+    h.step(ok("app", Op::Start));
+    let out = h.advance(1_000);
+    let epoch = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Monitor { resource, epoch, .. } if resource == "tomcat" => Some(*epoch),
+            _ => None,
+        })
+        .expect("tomcat is monitored");
+    h.step(Event::Renewed {
+        lease: 3,
+        sent_at: Time(h.mono),
+    });
+    let out = h.step(Event::MonitorDone {
+        resource: "tomcat".into(),
+        epoch,
+        health: Health::Failed("exited".into()),
+    });
+    assert_eq!(
+        stops(&out),
+        [("app".to_string(), false)],
+        "app, then plugin, then tomcat: {out:?}"
+    );
+    let out = h.step(ok("app", Op::Stop));
+    assert_eq!(stops(&out), [("plugin".to_string(), false)], "{out:?}");
+    let out = h.step(ok("plugin", Op::Stop));
+    assert_eq!(stops(&out), [("tomcat".to_string(), false)]);
+}
+
+/// Simulator seed 200611 (60 s fault phase): the watch lagged behind; a
+/// view from before this node's campaign, showing the previous owner, was
+/// taken for a loss of the key just won, and the group was stopped at once.
+#[test]
+fn a_view_older_than_the_key_is_not_a_loss() {
+    let mut h = Harness::new(spec(), "node1");
+    // The watch is behind: at revision 10, nobody owns the group.
+    h.boot(7, &["node1", "node2"], &[]);
+    let out = h.step(Event::CampaignResult {
+        group: "mgmt".into(),
+        lease: 7,
+        won: Some(42),
+    });
+    assert!(h.agent.holds().contains(&"mgmt".to_string()));
+    assert_eq!(starts(&out), ["vip"]);
+    // Meanwhile node2 had owned it (30) and resigned; the lagging watch
+    // now delivers that older view.
+    let out = h.step(Event::View(view(31, &["node1", "node2"], &[("mgmt", "node2", 30)])));
+    assert!(!journal_kinds(&out).contains(&EntryKind::OwnershipLost), "{out:?}");
+    assert!(h.agent.holds().contains(&"mgmt".to_string()));
+    let out = h.step(ok("vip", Op::Start));
+    assert!(stops(&out).is_empty(), "the group stays here: {out:?}");
+    assert_eq!(starts(&out), ["db", "web"]);
+    // A view at or after our key that does not show it is a loss.
+    let out = h.step(Event::View(view(43, &["node1", "node2"], &[("mgmt", "node2", 43)])));
+    assert!(journal_kinds(&out).contains(&EntryKind::OwnershipLost), "{out:?}");
+}
+
+/// Simulator seed 1002762: the view showed the key gone while this node's
+/// own resign of it was in flight; the agent dropped the pending resign,
+/// campaigned again and won a new key, and then took the old resign's
+/// answer for the new key: it stopped the group but left the key in place,
+/// where nobody would ever release it.
+#[test]
+fn a_resign_in_flight_is_answered_before_campaigning_again() {
+    let mut h = running_owner();
+    let mut moved = view(50, &["node1", "node2"], &[("mgmt", "node1", 42)]);
+    moved.group_admin.insert(
+        "mgmt".into(),
+        GroupAdmin {
+            move_to: Some("node2".into()),
+            ..GroupAdmin::default()
+        },
+    );
+    h.step(Event::View(moved.clone()));
+    for r in ["app", "web", "db"] {
+        h.step(ok(r, Op::Stop));
+    }
+    let out = h.step(ok("vip", Op::Stop));
+    assert!(out.contains(&Action::Resign {
+        group: "mgmt".into(),
+        token: 42
+    }));
+    // The key is gone and node2 too: the plan says node1 again.
+    moved.revision = 51;
+    moved.owners.clear();
+    moved.nodes.remove("node2");
+    let out = h.step(Event::View(moved));
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Campaign { .. })),
+        "not while the resign is in flight: {out:?}"
+    );
+    let out = h.step(Event::Resigned {
+        group: "mgmt".into(),
+        ok: true,
+    });
+    assert!(out.contains(&Action::Campaign {
+        group: "mgmt".into(),
+        lease: 7
+    }));
+    let out = h.step(Event::CampaignResult {
+        group: "mgmt".into(),
+        lease: 7,
+        won: Some(52),
+    });
+    assert_eq!(starts(&out), ["vip"]);
+    assert!(h.agent.holds().contains(&"mgmt".to_string()));
+}
+
+/// Simulator seed 1008711: a campaign made under a lost session was won
+/// and given back while the campaign of the new session was in flight;
+/// that one won too, and the answer to the give-back's resign was then
+/// taken for the new key, which stayed in the coordinator, owned by nobody
+/// who would release it.
+#[test]
+fn the_answer_to_an_older_resign_keeps_the_key_won_since() {
+    let mut h = Harness::new(spec(), "node1");
+    let out = h.boot(7, &["node1", "node2"], &[]);
+    assert!(out.contains(&Action::Campaign {
+        group: "mgmt".into(),
+        lease: 7
+    }));
+    // No renewal is acknowledged: the session is fenced with the campaign
+    // still in flight, and a new one campaigns again.
+    let out = h.advance(1_500);
+    assert!(out.contains(&Action::OpenSession), "{out:?}");
+    let out = h.step(Event::SessionOpened {
+        lease: 8,
+        sent_at: Time(h.mono),
+    });
+    assert!(out.contains(&Action::Campaign {
+        group: "mgmt".into(),
+        lease: 8
+    }));
+    let out = h.step(Event::CampaignResult {
+        group: "mgmt".into(),
+        lease: 7,
+        won: Some(42),
+    });
+    assert!(out.contains(&Action::Resign {
+        group: "mgmt".into(),
+        token: 42
+    }));
+    let out = h.step(Event::CampaignResult {
+        group: "mgmt".into(),
+        lease: 8,
+        won: Some(43),
+    });
+    assert_eq!(starts(&out), ["vip"]);
+    let out = h.step(Event::Resigned {
+        group: "mgmt".into(),
+        ok: true,
+    });
+    assert!(h.agent.holds().contains(&"mgmt".to_string()), "{out:?}");
+    assert!(stops(&out).is_empty());
+    // The key held is still released properly when it is its turn.
+    let mut moved = view(50, &["node1", "node2"], &[("mgmt", "node1", 43)]);
+    moved.group_admin.insert(
+        "mgmt".into(),
+        GroupAdmin {
+            move_to: Some("node2".into()),
+            ..GroupAdmin::default()
+        },
+    );
+    h.step(Event::View(moved));
+    let out = h.step(ok("vip", Op::Start));
+    assert_eq!(stops(&out), [("vip".to_string(), false)]);
+    let out = h.step(ok("vip", Op::Stop));
+    assert!(out.contains(&Action::Resign {
+        group: "mgmt".into(),
+        token: 43
+    }));
+    h.step(Event::Resigned {
+        group: "mgmt".into(),
+        ok: true,
+    });
+    assert!(h.agent.holds().is_empty());
+}

@@ -1,0 +1,125 @@
+//! The multi-host bed for integration tests and benchmarks: three agents,
+//! each in its own network namespace, on a 3-member etcd whose members have
+//! hosts of their own, plus an observer host the test code runs in (so it
+//! reaches etcd on the bed's addresses like any client).
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use understudy_agent::Keys;
+use understudy_coord::etcd::{EtcdCoordinator, EtcdOptions};
+use understudy_testbed::{Bed, EtcdCluster, Host};
+
+use super::{NODES, TestCluster};
+
+pub const TTL_MS: u64 = 2_000;
+
+pub fn definition(etcd: &EtcdCluster, nodes: &[Host]) -> String {
+    let endpoints: Vec<String> = etcd.endpoints().iter().map(|e| format!("\"{e}\"")).collect();
+    let mut def = format!(
+        r#"
+[cluster]
+name = "bed"
+coordinator = {{ etcd = {{ endpoints = [{}] }} }}
+lease_ttl = "{TTL_MS}ms"
+renew_interval = "500ms"
+fence_margin = "500ms"
+"#,
+        endpoints.join(", ")
+    );
+    for (i, h) in nodes.iter().enumerate() {
+        def.push_str(&format!(
+            "\n[[node]]\nname = \"{}\"\naddress = \"{}\"\npriority = {}\n",
+            NODES[i],
+            h.cidr(),
+            i + 1
+        ));
+    }
+    def.push_str(
+        r#"
+[group.web]
+monitor = { interval = "300ms", timeout = "250ms", restarts = 2, within = "1m" }
+
+[group.web.resource.database]
+kind = "process"
+command = ["./standin", "database"]
+
+[group.web.resource.app]
+kind = "process"
+command = ["./standin", "app"]
+depends_on = ["database"]
+
+[group.web.resource.frontend]
+kind = "process"
+command = ["./standin", "frontend"]
+depends_on = ["app"]
+
+[group.web.resource.metrics]
+kind = "process"
+command = ["./standin", "metrics"]
+clone = true
+"#,
+    );
+    def
+}
+
+/// The bed: 3 etcd hosts, 3 node hosts, an observer host.
+pub struct World {
+    pub bed: Bed,
+    pub etcd: EtcdCluster,
+    pub nodes: Vec<Host>,
+    pub observer: Host,
+}
+
+pub fn world(hint: &str) -> World {
+    let bed = Bed::new(hint).expect("a test bed (root and iproute2 are required)");
+    let etcd = bed.start_etcd(3).expect("a 3-member etcd (Debian's etcd-server)");
+    let nodes = NODES.iter().map(|n| bed.add_host(n).unwrap()).collect();
+    let observer = bed.add_host("observer").unwrap();
+    World {
+        bed,
+        etcd,
+        nodes,
+        observer,
+    }
+}
+
+/// Runs `body` on a runtime inside the observer host, with the cluster's
+/// agents started in their hosts.
+pub fn run<F>(w: &World, body: impl FnOnce(TestCluster) -> F + Send)
+where
+    F: std::future::Future<Output = ()>,
+{
+    let def = definition(&w.etcd, &w.nodes);
+    let hosts: Vec<Host> = w.nodes.clone();
+    let endpoints = w.etcd.endpoints();
+    w.observer
+        .enter(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let keys = Keys::new("/understudy", "bed");
+                let coord = EtcdCoordinator::connect(EtcdOptions::new(endpoints, keys.journal_prefix().to_string()))
+                    .await
+                    .unwrap();
+                let dir = TestCluster::prepare(&def);
+                let factory: understudy_agent::local::CommandFactory =
+                    Box::new(move |node: &str, exe: &std::path::Path| {
+                        let i = NODES.iter().position(|n| *n == node).unwrap();
+                        hosts[i].command(exe)
+                    });
+                let mut c = TestCluster::with(dir, Arc::new(coord), keys, Some(factory));
+                c.start_all();
+                body(c).await;
+            });
+        })
+        .unwrap();
+}
+
+/// The host of agent `node`.
+pub fn host_of<'a>(w: &'a World, node: &str) -> &'a Host {
+    &w.nodes[NODES.iter().position(|n| *n == node).unwrap()]
+}
