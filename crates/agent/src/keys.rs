@@ -11,6 +11,7 @@
 //! {prefix}admin/groups/{group}  GroupAdmin    written by operators, move_to cleared by the new owner
 //! {prefix}failures/{group}      [Failure]     appended by owners (compare-and-swap)
 //!
+//! {base}/sync/{cluster}/{res}     replicated copy of a `sync` resource
 //! {base}/journal/{cluster}/…      journal records (etcd; the embedded backend
 //!                                 has a table of its own). Kept outside
 //!                                 {prefix} so agents watching the cluster's
@@ -29,6 +30,7 @@ use understudy_core::observed::Failure;
 pub struct Keys {
     prefix: String,
     journal: String,
+    sync: String,
 }
 
 /// What a key is about.
@@ -64,12 +66,19 @@ impl Keys {
         Keys {
             prefix: format!("{base}/{cluster}/"),
             journal: format!("{base}/journal/{cluster}/"),
+            sync: format!("{base}/sync/{cluster}/"),
         }
     }
 
     /// Prefix of the cluster's state (what agents watch).
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// The replicated copy of a `sync` resource, outside `prefix()` (only the
+    /// owner reads and writes it; nobody needs to watch it).
+    pub fn sync(&self, resource: &str) -> String {
+        format!("{}{resource}", self.sync)
     }
 
     /// Prefix of the cluster's journal records, outside `prefix()`.

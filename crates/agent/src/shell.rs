@@ -60,8 +60,19 @@ enum Ordered {
     Status { key: String, value: Vec<u8>, lease: i64 },
 }
 
+/// This node's registration as it should be: the session lease it must be
+/// attached to and whether the node is leaving. The watch loop repairs the
+/// registration key when it differs (a late put from a timed-out request, or
+/// from an earlier run of the agent, can attach it to a lease nobody renews).
+#[derive(Default)]
+struct Registration {
+    lease: Option<i64>,
+    leaving: bool,
+}
+
 struct Shell {
     opts: Arc<AgentOptions>,
+    registration: Arc<std::sync::Mutex<Registration>>,
     ordered: UnboundedSender<Ordered>,
     coord: Arc<dyn Coordinator>,
     drivers: HashMap<String, Arc<dyn Driver>>,
@@ -111,6 +122,10 @@ pub async fn run(opts: AgentOptions, coord: Arc<dyn Coordinator>) -> Result<()> 
         base_dir: opts.base_dir.clone(),
         state_dir: opts.state_dir.clone(),
         registry,
+        sync: Some(Arc::new(CoordSyncStore {
+            coord: Arc::clone(&coord),
+            keys: opts.keys.clone(),
+        })),
     };
     let mut drivers: HashMap<String, Arc<dyn Driver>> = HashMap::new();
     let mut unsupported = Vec::new();
@@ -136,7 +151,14 @@ pub async fn run(opts: AgentOptions, coord: Arc<dyn Coordinator>) -> Result<()> 
     }
 
     let (tx, mut rx) = unbounded_channel::<Event>();
-    let watcher = tokio::spawn(watch_loop(Arc::clone(&coord), opts.keys.clone(), tx.clone()));
+    let registration = Arc::new(std::sync::Mutex::new(Registration::default()));
+    let watcher = tokio::spawn(watch_loop(
+        Arc::clone(&coord),
+        opts.keys.clone(),
+        opts.node.clone(),
+        Arc::clone(&registration),
+        tx.clone(),
+    ));
     let (ordered, ordered_rx) = unbounded_channel::<Ordered>();
     let writer = tokio::spawn(ordered_writer(Arc::clone(&coord), ordered_rx));
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
@@ -144,6 +166,7 @@ pub async fn run(opts: AgentOptions, coord: Arc<dyn Coordinator>) -> Result<()> 
     let mut agent = Agent::new(opts.spec.clone(), &opts.node);
     let mut shell = Shell {
         opts: Arc::clone(&opts),
+        registration,
         ordered,
         coord,
         drivers,
@@ -202,6 +225,7 @@ impl Shell {
             Event::SessionLost { lease } if self.lease == Some(*lease) => self.lease = None,
             _ => {}
         }
+        lock(&self.registration).lease = self.lease;
     }
 
     /// Runs an operation concurrently; its result comes back as an event.
@@ -247,20 +271,25 @@ impl Shell {
             }),
             Action::Renew { lease } => self.spawn(async move {
                 let sent_at = clock::mono();
-                Some(
-                    match tokio::time::timeout(settings.lease_ttl / 2, coord.keep_alive(lease)).await {
-                        Ok(Ok(_)) => Event::Renewed { lease, sent_at },
-                        Ok(Err(CoordError::LeaseNotFound(_))) => Event::SessionLost { lease },
-                        Ok(Err(e)) => {
-                            tracing::warn!("renewal failed: {e}");
-                            Event::RenewFailed { lease }
-                        }
-                        Err(_) => {
-                            tracing::warn!("renewal timed out");
-                            Event::RenewFailed { lease }
-                        }
-                    },
-                )
+                // Leave time to retry once before the self-fencing deadline
+                // (`ttl - margin` after the previous renewal was sent).
+                let timeout = (settings
+                    .lease_ttl
+                    .saturating_sub(settings.fence_margin + settings.renew_interval)
+                    / 2)
+                .max(Duration::from_millis(50));
+                Some(match tokio::time::timeout(timeout, coord.keep_alive(lease)).await {
+                    Ok(Ok(_)) => Event::Renewed { lease, sent_at },
+                    Ok(Err(CoordError::LeaseNotFound(_))) => Event::SessionLost { lease },
+                    Ok(Err(e)) => {
+                        tracing::warn!("renewal failed: {e}");
+                        Event::RenewFailed { lease }
+                    }
+                    Err(_) => {
+                        tracing::warn!("renewal timed out");
+                        Event::RenewFailed { lease }
+                    }
+                })
             }),
             Action::Campaign { group, lease } => self.spawn(async move {
                 let value = json(&OwnerValue { node });
@@ -300,20 +329,16 @@ impl Shell {
                 };
                 let spec = agent_resource(&self.opts.spec, &resource);
                 let is_clone = spec.is_some_and(|r| r.role == Role::Clone);
-                // Defence in depth: a group resource starts only with a live authority.
-                let refused = match authority {
-                    Some(a) if a.valid_until <= clock::mono() => {
-                        Some("the lease authority expired before the start ran")
-                    }
-                    None if !is_clone => Some("no lease authority for a group resource"),
-                    _ => None,
-                };
-                if let Some(why) = refused {
-                    tracing::error!(group, resource, "refusing to start: {why}");
+                if authority.is_none() && !is_clone {
+                    tracing::error!(
+                        group,
+                        resource,
+                        "refusing to start: no lease authority for a group resource"
+                    );
                     let _ = self.tx.send(Event::OpDone {
                         resource,
                         op: Op::Start,
-                        result: Err(why.into()),
+                        result: Err("no lease authority for a group resource".into()),
                     });
                     return;
                 }
@@ -325,6 +350,22 @@ impl Shell {
                     timeout,
                 };
                 self.spawn(async move {
+                    // Defence in depth, checked right before the driver runs:
+                    // a group resource starts only with a live authority.
+                    if let Some(a) = authority
+                        && a.valid_until <= clock::mono()
+                    {
+                        tracing::error!(
+                            group = ctx.group,
+                            resource,
+                            "refusing to start: the lease authority expired"
+                        );
+                        return Some(Event::OpDone {
+                            resource,
+                            op: Op::Start,
+                            result: Err("the lease authority expired before the start ran".into()),
+                        });
+                    }
                     let result = driver.start(&ctx).await.map_err(|e| e.to_string());
                     Some(Event::OpDone {
                         resource,
@@ -400,8 +441,15 @@ impl Shell {
                     .find(|g| g.name == group)
                     .map_or(Duration::from_secs(3600), |g| g.failover.within);
                 self.spawn(async move {
-                    if let Err(e) = record_failure(&*coord, &keys.failures(&group), failure, within).await {
-                        tracing::error!(group, "could not record the failure: {e}");
+                    // Other nodes must learn of the failure, or they keep
+                    // preferring this node: retry for up to a minute.
+                    for attempt in 0..60u32 {
+                        match record_failure(&*coord, &keys.failures(&group), failure.clone(), within).await {
+                            Ok(()) => return None,
+                            Err(e) if attempt == 59 => tracing::error!(group, "could not record the failure: {e}"),
+                            Err(e) => tracing::warn!(group, "recording the failure failed, retrying: {e}"),
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                     None
                 });
@@ -423,6 +471,7 @@ impl Shell {
                 None
             }),
             Action::SetLeaving => {
+                lock(&self.registration).leaving = true;
                 let Some(lease) = self.lease else { return };
                 self.spawn(async move {
                     let record = NodeRecord { leaving: true };
@@ -469,6 +518,31 @@ impl Shell {
             value: status.into_bytes(),
             lease,
         });
+    }
+}
+
+/// `sync` resources keep their replicated copy in the coordinator.
+struct CoordSyncStore {
+    coord: Arc<dyn Coordinator>,
+    keys: Keys,
+}
+
+#[async_trait::async_trait]
+impl understudy_drivers::SyncStore for CoordSyncStore {
+    async fn load(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        self.coord
+            .get(&self.keys.sync(key))
+            .await
+            .map(|kv| kv.map(|kv| kv.value))
+            .map_err(|e| e.to_string())
+    }
+
+    async fn store(&self, key: &str, value: &[u8]) -> Result<(), String> {
+        self.coord
+            .put(&self.keys.sync(key), value, None)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -546,9 +620,46 @@ async fn record_failure(coord: &dyn Coordinator, key: &str, failure: Failure, wi
     .await
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Puts this node's registration back on its current session when the
+/// coordinator shows it missing, on another lease, or with the wrong flag.
+async fn repair_registration(
+    coord: &dyn Coordinator,
+    keys: &Keys,
+    node: &str,
+    registration: &std::sync::Mutex<Registration>,
+    map: &BTreeMap<String, KeyValue>,
+) {
+    let (lease, leaving) = {
+        let r = lock(registration);
+        (r.lease, r.leaving)
+    };
+    let Some(lease) = lease else { return };
+    let key = keys.node(node);
+    let ok = map.get(&key).is_some_and(|kv| {
+        kv.lease == Some(lease) && serde_json::from_slice::<NodeRecord>(&kv.value).is_ok_and(|r| r.leaving == leaving)
+    });
+    if !ok {
+        tracing::info!("re-registering this node on its current session");
+        if let Err(e) = coord.put(&key, &json(&NodeRecord { leaving }), Some(lease)).await {
+            tracing::warn!("could not re-register this node: {e}");
+        }
+    }
+}
+
 /// Reads the cluster's keys and follows them, sending a fresh `View` after
-/// every batch of changes. Reconnects (re-reading everything) after errors.
-async fn watch_loop(coord: Arc<dyn Coordinator>, keys: Keys, tx: UnboundedSender<Event>) {
+/// every batch of changes, and keeps this node's registration right.
+/// Reconnects (re-reading everything) after errors.
+async fn watch_loop(
+    coord: Arc<dyn Coordinator>,
+    keys: Keys,
+    node: String,
+    registration: Arc<std::sync::Mutex<Registration>>,
+    tx: UnboundedSender<Event>,
+) {
     let mut last_sent = None;
     loop {
         match coord.range(keys.prefix()).await {
@@ -572,6 +683,7 @@ async fn watch_loop(coord: Arc<dyn Coordinator>, keys: Keys, tx: UnboundedSender
                                         }
                                     }
                                     send_view(&keys, &map, revision, &tx, &mut last_sent);
+                                    repair_registration(&*coord, &keys, &node, &registration, &map).await;
                                 }
                                 Err(e) => {
                                     tracing::warn!("watch interrupted: {e}; re-reading the cluster state");

@@ -327,6 +327,9 @@ struct GroupRun {
     resigning: bool,
     /// The token of the last resign sent (`Resigned` does not name it).
     resign_token: Option<i64>,
+    /// No campaign or resign for this group before this time (backoff after
+    /// a lost campaign or a resign the coordinator did not answer).
+    retry_at: Option<Time>,
     /// Announced "group started" for the current run.
     started_announced: bool,
     /// Resources of the group were touched and not all stopped since.
@@ -466,6 +469,11 @@ impl Agent {
     pub fn poll_timeout(&self) -> Option<Time> {
         let mut t: Option<Time> = self.retry_at;
         let mut at = |x: Time| t = Some(t.map_or(x, |y| y.min(x)));
+        for g in self.groups.values() {
+            if let Some(r) = g.retry_at {
+                at(r);
+            }
+        }
         if let Session::Open {
             deadline,
             next_renew,
@@ -584,6 +592,7 @@ impl Agent {
                 );
             }
             Event::SessionOpenFailed => {
+                // Back off, so an unreachable coordinator is not hammered.
                 self.session = Session::None;
                 self.retry_at = Some(now.mono + self.renew_interval);
             }
@@ -643,7 +652,7 @@ impl Agent {
                         None,
                         "the coordinator no longer knows the session lease".into(),
                     );
-                    self.fence(now, "session lease lost");
+                    self.fence("session lease lost");
                 }
             }
             Event::View(view) => self.on_view(now, view),
@@ -669,7 +678,7 @@ impl Agent {
                         }
                         self.journal(EntryKind::Released, Some(&group), None, "released ownership".into());
                     } else {
-                        self.retry_at = Some(now.mono + self.renew_interval / 2);
+                        g.retry_at = Some(now.mono + self.renew_interval / 2);
                     }
                 }
             }
@@ -740,7 +749,7 @@ impl Agent {
     }
 
     /// The session cannot be trusted any more: stop every owned group now.
-    fn fence(&mut self, now: Now, why: &str) {
+    fn fence(&mut self, why: &str) {
         let held: Vec<String> = self.holds();
         if !held.is_empty() {
             self.journal(
@@ -766,7 +775,7 @@ impl Agent {
             }
         }
         self.session = Session::None;
-        self.retry_at = Some(now.mono);
+        self.retry_at = None;
     }
 
     fn group_resource_names(&self) -> Vec<String> {
@@ -833,7 +842,12 @@ impl Agent {
         if g.campaign_lease == Some(lease) {
             g.campaign_lease = None;
         }
-        let Some(token) = won else { return };
+        let Some(token) = won else {
+            // Someone else holds it (or the request failed); the view will
+            // say who. Do not ask again at once while the view is stale.
+            g.retry_at = Some(now.mono + (self.renew_interval / 4).min(std::time::Duration::from_millis(100)));
+            return;
+        };
         if current == Some(lease) && g.held.is_none() {
             g.held = Some(token);
             g.confirmed = false;
@@ -1195,7 +1209,6 @@ impl Agent {
     }
 
     fn reconcile(&mut self, now: Now) {
-        self.retry_at = None;
         // 1. Session upkeep and self-fencing.
         match self.session {
             Session::Open { deadline, .. } if now.mono >= deadline => {
@@ -1205,7 +1218,7 @@ impl Agent {
                     None,
                     "no renewal acknowledged in time: fencing deadline passed".into(),
                 );
-                self.fence(now, "self-fencing deadline passed");
+                self.fence("self-fencing deadline passed");
             }
             Session::Open {
                 lease,
@@ -1223,7 +1236,15 @@ impl Agent {
             }
             _ => {}
         }
-        if self.session == Session::None && !self.shutting_down {
+        if self.retry_at.is_some_and(|t| now.mono >= t) {
+            self.retry_at = None;
+        }
+        for g in self.groups.values_mut() {
+            if g.retry_at.is_some_and(|t| now.mono >= t) {
+                g.retry_at = None;
+            }
+        }
+        if self.session == Session::None && !self.shutting_down && self.retry_at.is_none() {
             self.session = Session::Opening;
             self.actions.push_back(Action::OpenSession);
         }
@@ -1331,6 +1352,7 @@ impl Agent {
                 && g.held.is_none()
                 && g.campaign_lease.is_none()
                 && !g.resign_pending
+                && g.retry_at.is_none_or(|t| now.mono >= t)
                 && let Some(lease) = session_lease
             {
                 self.actions.push_back(Action::Campaign {
@@ -1376,7 +1398,7 @@ impl Agent {
         let leave = g.failing_over || g.resigning || !target_me || given_up;
         if leave {
             let done = self.stop_in_order(name, &order, false);
-            if done && !g.resign_pending {
+            if done && !g.resign_pending && g.retry_at.is_none_or(|t| now.mono >= t) {
                 if g.started_announced || g.active {
                     self.journal(EntryKind::GroupStopped, Some(name), None, "group stopped".into());
                 }

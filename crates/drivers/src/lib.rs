@@ -16,11 +16,16 @@ use async_trait::async_trait;
 use understudy_core::spec::{Kind, ResourceSpec};
 
 mod check;
+pub mod fs;
+pub mod ip;
+pub mod postgres;
 pub mod process;
 mod procfs;
 pub mod registry;
 pub mod script;
 mod spawn;
+pub mod sync;
+pub mod systemd;
 
 pub use registry::ProcessRegistry;
 
@@ -65,6 +70,16 @@ pub struct OpCtx {
     pub timeout: Duration,
 }
 
+/// Where a `sync` resource keeps its replicated copy: the coordinator, as
+/// the agent provides it (keys are the resource's; values are opaque bytes).
+#[async_trait]
+pub trait SyncStore: Send + Sync {
+    /// The stored copy for `key`, if any.
+    async fn load(&self, key: &str) -> Result<Option<Vec<u8>>, String>;
+    /// Replaces the stored copy for `key`.
+    async fn store(&self, key: &str, value: &[u8]) -> Result<(), String>;
+}
+
 /// Where drivers keep their files and how they report spawned processes.
 #[derive(Clone)]
 pub struct DriverEnv {
@@ -75,6 +90,8 @@ pub struct DriverEnv {
     /// Receives the process groups drivers start, so the fence guard can kill
     /// them and a restarted agent can find leftovers.
     pub registry: Arc<ProcessRegistry>,
+    /// The replicated store for `sync` resources (`None`: not available).
+    pub sync: Option<Arc<dyn SyncStore>>,
 }
 
 /// One resource's start/stop/monitor/probe.
@@ -100,10 +117,10 @@ pub fn driver_for(spec: &ResourceSpec, env: &DriverEnv) -> Result<Box<dyn Driver
             env,
         ))),
         Kind::Script(s) => Ok(Box::new(script::ScriptDriver::new(&spec.name, s, env))),
-        Kind::Ip(_) => Err(DriverError::Unsupported("kind `ip`")),
-        Kind::Fs(_) => Err(DriverError::Unsupported("kind `fs`")),
-        Kind::Systemd(_) => Err(DriverError::Unsupported("kind `systemd`")),
-        Kind::Postgres(_) => Err(DriverError::Unsupported("kind `postgres`")),
-        Kind::Sync(_) => Err(DriverError::Unsupported("kind `sync`")),
+        Kind::Ip(s) => Ok(Box::new(ip::IpDriver::new(&spec.name, s, env)?)),
+        Kind::Fs(s) => Ok(Box::new(fs::FsDriver::new(&spec.name, s, env)?)),
+        Kind::Systemd(s) => Ok(Box::new(systemd::SystemdDriver::new(&spec.name, s, env)?)),
+        Kind::Postgres(s) => Ok(Box::new(postgres::PostgresDriver::new(&spec.name, s, env)?)),
+        Kind::Sync(s) => Ok(Box::new(sync::SyncDriver::new(&spec.name, s, env)?)),
     }
 }

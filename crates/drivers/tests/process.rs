@@ -447,6 +447,7 @@ fn stand_in_agent() {
             base_dir: dir.clone(),
             state_dir: dir.join("state"),
             registry: Arc::new(ProcessRegistry::new(&dir.join("state"), Box::new(|_| {}))),
+            sync: None,
         };
         let d = ProcessDriver::new("orphan", &spec(vec!["/bin/sleep".into(), "300".into()]), SHORT, &env);
         d.start(&ctx(SHORT)).await.unwrap();

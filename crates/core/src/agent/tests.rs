@@ -510,6 +510,10 @@ fn monitor_only_resources_are_checked_on_the_owner_and_never_started() {
     assert_eq!(Duration::from_secs(1), Duration::from_millis(1_000));
 }
 
+// Regression tests for bugs found by `understudy-sim` (the seed numbers are
+// those of the simulator as it was when the bug was found; the simulator has
+// grown since, so they do not replay the same run any more).
+
 /// Simulator seed 2: the plan flipped back to this node while its resign
 /// was in flight, and it started the group again; the resign then deleted
 /// the key and another node started the group too.
@@ -544,11 +548,19 @@ fn a_group_being_resigned_is_not_started_again() {
     // key is on its way out.
     let out = h.step(Event::View(view(43, &["node1", "node2"], &[("mgmt", "node1", 42)])));
     assert!(starts(&out).is_empty(), "{out:?}");
-    // The resign timed out; it may have taken effect: retry, start nothing.
+    // The resign timed out; it may have taken effect: retry after a short
+    // backoff (half a renewal interval), start nothing.
     let out = h.step(Event::Resigned {
         group: "mgmt".into(),
         ok: false,
     });
+    assert!(starts(&out).is_empty(), "{out:?}");
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Resign { .. })),
+        "no retry at once: {out:?}"
+    );
+    assert_eq!(h.agent.poll_timeout(), Some(Time(h.mono + 250)));
+    let out = h.advance(250);
     assert!(starts(&out).is_empty(), "{out:?}");
     assert!(out.contains(&Action::Resign {
         group: "mgmt".into(),
@@ -1218,4 +1230,33 @@ fn the_answer_to_an_older_resign_keeps_the_key_won_since() {
         ok: true,
     });
     assert!(h.agent.holds().is_empty());
+}
+
+#[test]
+fn an_unreachable_coordinator_is_not_hammered() {
+    let mut h = Harness::new(spec(), "node1");
+    let out = h.step(Event::Tick);
+    assert!(out.contains(&Action::OpenSession));
+    let out = h.step(Event::SessionOpenFailed);
+    assert!(!out.contains(&Action::OpenSession), "no immediate retry: {out:?}");
+    assert_eq!(h.agent.poll_timeout(), Some(Time(h.mono + 500)));
+    assert!(!h.advance(499).contains(&Action::OpenSession));
+    assert!(h.advance(1).contains(&Action::OpenSession));
+}
+
+#[test]
+fn a_lost_campaign_is_not_repeated_at_once_against_a_stale_view() {
+    let mut h = Harness::new(spec(), "node1");
+    h.boot(7, &["node1", "node2"], &[]);
+    let out = h.step(Event::CampaignResult {
+        group: "mgmt".into(),
+        lease: 7,
+        won: None,
+    });
+    assert!(!out.iter().any(|a| matches!(a, Action::Campaign { .. })), "{out:?}");
+    let out = h.advance(100);
+    assert!(
+        out.iter().any(|a| matches!(a, Action::Campaign { .. })),
+        "retried after the backoff: {out:?}"
+    );
 }

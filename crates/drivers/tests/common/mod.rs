@@ -112,6 +112,7 @@ impl TestEnv {
                 base_dir: base,
                 state_dir: state,
                 registry: Arc::new(registry),
+                sync: None,
             },
             dir,
             changes,

@@ -1,0 +1,285 @@
+//! The `sync` driver: files replicated between nodes through the coordinator
+//! (F8; the seed's synchronised registry keys, S2.2c, S2.3b, S2.3e, S2.5, and
+//! its settings files that must follow the active node, S2.6).
+//!
+//! The owner's copy is authoritative and lives in the coordinator (the agent
+//! provides the store, `DriverEnv::sync`):
+//!
+//! - **start** (on the node that is taking the group over): the stored copy,
+//!   if there is one, is written over the local files, so the services that
+//!   depend on this resource start with the newest settings; then the local
+//!   state is stored (the first owner of a new cluster seeds the store with
+//!   its own files);
+//! - **monitor** (every monitor interval, on the owner): if the files changed
+//!   since they were last stored, the new state is stored — an edit made on
+//!   the active node reaches the store within one interval;
+//! - **stop**: the final state is stored.
+//!
+//! `paths` are files or directories (taken recursively). A path that does not
+//! exist is recorded as absent; applying a copy where a path is absent leaves
+//! a local one alone. Files are written atomically (temporary file, fsync,
+//! rename) with their recorded mode. The copy is kept small: at most 1 MiB in
+//! all (etcd's request limit is 1.5 MiB), larger copies are refused with an
+//! error naming the biggest files.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use understudy_core::spec::SyncSpec;
+
+use crate::{Driver, DriverEnv, DriverError, Health, OpCtx, SyncStore};
+
+/// Largest copy stored.
+const MAX_BYTES: usize = 1 << 20;
+
+/// The replicated copy: every file under the resource's paths.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Copy {
+    /// Absolute file path → mode and content.
+    files: BTreeMap<String, File>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct File {
+    mode: u32,
+    data: Vec<u8>,
+}
+
+pub struct SyncDriver {
+    resource: String,
+    paths: Vec<PathBuf>,
+    store: Option<Arc<dyn SyncStore>>,
+    /// The copy as last stored or applied by this driver.
+    last: Mutex<Option<Copy>>,
+    running: std::sync::atomic::AtomicBool,
+}
+
+impl SyncDriver {
+    pub fn new(resource: &str, spec: &SyncSpec, env: &DriverEnv) -> Result<Self, DriverError> {
+        Ok(SyncDriver {
+            resource: resource.to_string(),
+            paths: spec.paths.iter().map(PathBuf::from).collect(),
+            store: env.sync.clone(),
+            last: Mutex::new(None),
+            running: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    fn failed(&self, op: &'static str, message: impl Into<String>) -> DriverError {
+        DriverError::Failed {
+            op,
+            resource: self.resource.clone(),
+            message: message.into(),
+        }
+    }
+
+    fn store(&self, op: &'static str) -> Result<&Arc<dyn SyncStore>, DriverError> {
+        self.store
+            .as_ref()
+            .ok_or_else(|| self.failed(op, "no replicated store is available to this driver"))
+    }
+
+    /// Reads the local files (on a blocking thread).
+    async fn snapshot(&self, op: &'static str) -> Result<Copy, DriverError> {
+        let paths = self.paths.clone();
+        let copy = tokio::task::spawn_blocking(move || read_paths(&paths))
+            .await
+            .map_err(|e| self.failed(op, format!("reading the files panicked: {e}")))?
+            .map_err(|e| self.failed(op, e))?;
+        let size: usize = copy.files.values().map(|f| f.data.len()).sum();
+        if size > MAX_BYTES {
+            let mut big: Vec<(&String, usize)> = copy.files.iter().map(|(p, f)| (p, f.data.len())).collect();
+            big.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+            let list: Vec<String> = big.iter().take(3).map(|(p, n)| format!("{p} ({n} bytes)")).collect();
+            return Err(self.failed(
+                op,
+                format!(
+                    "{size} bytes to replicate, more than the 1 MiB limit; biggest: {}",
+                    list.join(", ")
+                ),
+            ));
+        }
+        Ok(copy)
+    }
+
+    async fn push(&self, op: &'static str, copy: &Copy) -> Result<(), DriverError> {
+        let bytes = serde_json::to_vec(copy).map_err(|e| self.failed(op, format!("cannot encode the copy: {e}")))?;
+        self.store(op)?
+            .store(&self.resource, &bytes)
+            .await
+            .map_err(|e| self.failed(op, format!("cannot store the copy: {e}")))?;
+        *self.last.lock().await = Some(copy.clone());
+        Ok(())
+    }
+
+    /// Stores the local state if it differs from what was last stored.
+    async fn push_if_changed(&self, op: &'static str) -> Result<(), DriverError> {
+        let copy = self.snapshot(op).await?;
+        if self.last.lock().await.as_ref() == Some(&copy) {
+            return Ok(());
+        }
+        self.push(op, &copy).await
+    }
+}
+
+#[async_trait]
+impl Driver for SyncDriver {
+    async fn start(&self, ctx: &OpCtx) -> Result<(), DriverError> {
+        let work = async {
+            let stored = self
+                .store("start")?
+                .load(&self.resource)
+                .await
+                .map_err(|e| self.failed("start", format!("cannot load the stored copy: {e}")))?;
+            if let Some(bytes) = stored {
+                let copy: Copy = serde_json::from_slice(&bytes)
+                    .map_err(|e| self.failed("start", format!("the stored copy is unreadable: {e}")))?;
+                let apply = copy.clone();
+                tokio::task::spawn_blocking(move || write_copy(&apply))
+                    .await
+                    .map_err(|e| self.failed("start", format!("writing the files panicked: {e}")))?
+                    .map_err(|e| self.failed("start", e))?;
+                *self.last.lock().await = Some(copy);
+            }
+            self.push_if_changed("start").await
+        };
+        tokio::time::timeout(ctx.timeout, work)
+            .await
+            .map_err(|_| DriverError::Timeout {
+                op: "start",
+                resource: self.resource.clone(),
+                timeout: ctx.timeout,
+            })??;
+        self.running.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn stop(&self, ctx: &OpCtx) -> Result<(), DriverError> {
+        if !self.running.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        // A forced stop (zero timeout) does not wait for the store.
+        if ctx.timeout.is_zero() {
+            return Ok(());
+        }
+        match tokio::time::timeout(ctx.timeout, self.push_if_changed("stop")).await {
+            Ok(result) => result,
+            Err(_) => Err(DriverError::Timeout {
+                op: "stop",
+                resource: self.resource.clone(),
+                timeout: ctx.timeout,
+            }),
+        }
+    }
+
+    async fn monitor(&self, ctx: &OpCtx) -> Health {
+        if !self.running.load(std::sync::atomic::Ordering::SeqCst) {
+            return Health::Stopped;
+        }
+        match tokio::time::timeout(ctx.timeout, self.push_if_changed("monitor")).await {
+            Ok(Ok(())) => Health::Running,
+            Ok(Err(e)) => Health::Failed(e.to_string()),
+            Err(_) => Health::Failed(format!("replicating the files took longer than {:?}", ctx.timeout)),
+        }
+    }
+
+    async fn probe(&self, _ctx: &OpCtx) -> Health {
+        if self.running.load(std::sync::atomic::Ordering::SeqCst) {
+            Health::Running
+        } else {
+            Health::Stopped
+        }
+    }
+}
+
+fn read_paths(paths: &[PathBuf]) -> Result<Copy, String> {
+    let mut copy = Copy::default();
+    for p in paths {
+        read_into(p, &mut copy)?;
+    }
+    Ok(copy)
+}
+
+fn read_into(path: &Path, copy: &mut Copy) -> Result<(), String> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    if meta.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| format!("cannot list {}: {e}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for e in entries {
+            read_into(&e, copy)?;
+        }
+    } else if meta.is_file() {
+        let data = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        copy.files.insert(
+            path.display().to_string(),
+            File {
+                mode: meta.permissions().mode() & 0o7777,
+                data,
+            },
+        );
+    }
+    Ok(())
+}
+
+fn write_copy(copy: &Copy) -> Result<(), String> {
+    for (path, file) in &copy.files {
+        let path = Path::new(path);
+        if std::fs::read(path).is_ok_and(|d| d == file.data) {
+            continue;
+        }
+        let dir = path
+            .parent()
+            .ok_or_else(|| format!("{} has no parent directory", path.display()))?;
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let tmp = dir.join(format!(
+            ".{}.understudy-sync",
+            path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+        ));
+        let mut f = std::fs::File::create(&tmp).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+        f.write_all(&file.data)
+            .and_then(|()| f.set_permissions(std::fs::Permissions::from_mode(file.mode)))
+            .and_then(|()| f.sync_all())
+            .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, path).map_err(|e| format!("cannot replace {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_round_trips_through_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("etc/app/a.conf");
+        let b = dir.path().join("etc/app/sub/b.xml");
+        std::fs::create_dir_all(b.parent().unwrap()).unwrap();
+        std::fs::write(&a, b"alpha").unwrap();
+        std::fs::write(&b, b"<b/>").unwrap();
+        std::fs::set_permissions(&a, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let copy = read_paths(&[dir.path().join("etc"), dir.path().join("missing")]).unwrap();
+        assert_eq!(copy.files.len(), 2);
+        assert_eq!(copy.files[&a.display().to_string()].mode, 0o600);
+
+        std::fs::remove_dir_all(dir.path().join("etc")).unwrap();
+        write_copy(&copy).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), b"alpha");
+        assert_eq!(std::fs::read(&b).unwrap(), b"<b/>");
+        assert_eq!(std::fs::metadata(&a).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(read_paths(&[dir.path().join("etc")]).unwrap(), copy);
+    }
+}
