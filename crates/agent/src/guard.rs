@@ -4,17 +4,21 @@
 //! Why a separate process: an agent that is paused (SIGSTOP, a long GC-like
 //! stall, a frozen VM thread) cannot stop anything, yet its resources keep
 //! running. The guard is told the self-fencing deadline after every renewal
-//! (`deadline MS`, CLOCK_MONOTONIC milliseconds) and the process groups of
-//! owned resources (`pgids A B C`). If the deadline passes without a newer
-//! one, it SIGKILLs those groups — before the coordinator can expire the
-//! lease and let another node start the group. If the agent dies (its end
-//! of the pipe closes), it kills them too and exits.
+//! (`deadline MS`, CLOCK_MONOTONIC milliseconds), the process groups of
+//! owned resources (`pgids A B C`), the mount points of owned filesystems
+//! (`mounts P Q`) and the floating addresses of owned groups (`addresses
+//! A/N`). If the deadline passes without a newer one, it SIGKILLs those
+//! groups, lazily unmounts those filesystems and removes those addresses —
+//! before the coordinator can expire the lease and let another node take the
+//! disk and the address. If the agent dies (its end of the pipe closes), it
+//! does the same and exits.
 //!
 //! It runs in its own process group, so signals aimed at the agent's group
 //! (a terminal's Ctrl-C, `kill -STOP -PGID`) do not reach it.
 //!
-//! Architecture invariant: the guard is std-only and does nothing but wait
-//! and kill; it holds no lock the agent could hold.
+//! Architecture invariant: the guard is synchronous (std, nix, iproute2) and
+//! does nothing but wait and take things away; it holds no lock the agent
+//! could hold.
 
 use std::io::{self, Write};
 use std::os::fd::AsFd;
@@ -67,6 +71,17 @@ impl Guard {
         self.send(&format!("deadline {deadline_ms}\n"));
     }
 
+    /// Mount points of owned filesystems, replacing the previous list.
+    pub fn set_mounts(&self, mounts: &[String]) {
+        let list: Vec<String> = mounts.iter().map(|m| escape(m)).collect();
+        self.send(&format!("mounts {}\n", list.join(" ")));
+    }
+
+    /// Floating addresses (`ADDR/PREFIX`) of owned groups, replacing the previous list.
+    pub fn set_addresses(&self, addresses: &[String]) {
+        self.send(&format!("addresses {}\n", addresses.join(" ")));
+    }
+
     /// The process groups of owned resources, replacing the previous list.
     pub fn set_pgids(&self, pgids: &[i32]) {
         let list: Vec<String> = pgids.iter().map(i32::to_string).collect();
@@ -88,31 +103,89 @@ impl Drop for Guard {
     }
 }
 
+/// What the guard must take away from this node when it fires.
+#[derive(Default)]
+struct Held {
+    /// Process groups of owned resources.
+    pgids: Vec<i32>,
+    /// Mount points of owned filesystems.
+    mounts: Vec<String>,
+    /// Floating addresses (`ADDR/PREFIX`) of owned groups.
+    addresses: Vec<String>,
+}
+
+impl Held {
+    fn is_empty(&self) -> bool {
+        self.pgids.is_empty() && self.mounts.is_empty() && self.addresses.is_empty()
+    }
+
+    /// Kills the processes, then lazily unmounts the filesystems (they are
+    /// no longer busy once their users are dead) and removes the addresses,
+    /// so a taken-over disk and address are no longer used here.
+    fn fire(&mut self, why: &str) {
+        kill_all(&self.pgids);
+        let mut users = Vec::new();
+        for m in &self.mounts {
+            // Whatever still uses the disk (a database's backends are
+            // process-group leaders of their own) dies before the unmount.
+            users.extend(kill_users_of(Path::new(m)));
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+        if !users.is_empty() {
+            eprintln!("understudy fence-guard: killed processes using owned filesystems: {users:?}");
+        }
+        for a in &self.addresses {
+            remove_address(a);
+        }
+        eprintln!(
+            "{} understudy fence-guard: {why}; killed process groups {:?}, unmounted {:?}, removed addresses {:?}",
+            humantime::format_rfc3339_millis(std::time::SystemTime::now()),
+            self.pgids,
+            self.mounts,
+            self.addresses
+        );
+        *self = Held::default();
+    }
+}
+
+/// Removes `addr` (`ADDR/PREFIX`) from whichever interface carries it. An
+/// emergency backstop, so it uses iproute2 rather than a netlink client.
+fn remove_address(addr: &str) {
+    let ip = addr.split('/').next().unwrap_or(addr);
+    let Ok(out) = std::process::Command::new("ip")
+        .args(["-o", "addr", "show", "to", ip])
+        .output()
+    else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "2: eth0    inet 10.0.0.100/24 scope global eth0 ..."
+        if let Some(dev) = line.split_whitespace().nth(1) {
+            let _ = std::process::Command::new("ip")
+                .args(["addr", "del", addr, "dev", dev.trim_end_matches(':')])
+                .status();
+        }
+    }
+}
+
 /// The guard's main loop (`understudy fence-guard`). Returns when the agent
 /// is gone.
 pub fn run() -> io::Result<()> {
     let stdin = io::stdin();
     let mut deadline: Option<u64> = None;
-    let mut pgids: Vec<i32> = Vec::new();
+    let mut held = Held::default();
     let mut pending: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
         let now = clock::mono().as_millis();
         if let Some(d) = deadline
             && now >= d
-            && !pgids.is_empty()
+            && !held.is_empty()
         {
-            kill_all(&pgids);
-            eprintln!(
-                "{} understudy fence-guard: lease deadline passed {} ms ago without renewal; killed process groups {:?}",
-                humantime::format_rfc3339_millis(std::time::SystemTime::now()),
-                now - d,
-                pgids
-            );
-            pgids.clear();
+            held.fire(&format!("lease deadline passed {} ms ago without renewal", now - d));
         }
         let wait_ms = match deadline {
-            Some(d) if !pgids.is_empty() => d.saturating_sub(now).clamp(1, 1_000),
+            Some(d) if !held.is_empty() => d.saturating_sub(now).clamp(1, 1_000),
             _ => 1_000,
         };
         let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
@@ -128,12 +201,8 @@ pub fn run() -> io::Result<()> {
             Err(e) => return Err(io::Error::other(format!("read: {e}"))),
         };
         if n == 0 {
-            if !pgids.is_empty() {
-                kill_all(&pgids);
-                eprintln!(
-                    "{} understudy fence-guard: the agent is gone; killed process groups {pgids:?}",
-                    humantime::format_rfc3339_millis(std::time::SystemTime::now())
-                );
+            if !held.is_empty() {
+                held.fire("the agent is gone");
             }
             return Ok(());
         }
@@ -144,11 +213,66 @@ pub fn run() -> io::Result<()> {
             let mut words = line.split_whitespace();
             match words.next() {
                 Some("deadline") => deadline = words.next().and_then(|w| w.parse().ok()),
-                Some("pgids") => pgids = words.filter_map(|w| w.parse().ok()).collect(),
+                Some("pgids") => held.pgids = words.filter_map(|w| w.parse().ok()).collect(),
+                Some("mounts") => held.mounts = words.map(unescape).collect(),
+                Some("addresses") => held.addresses = words.map(str::to_string).collect(),
                 _ => {}
             }
         }
     }
+}
+
+/// Paths travel space-separated; a space inside one is sent as `%20`, a `%` as `%25`.
+fn escape(path: &str) -> String {
+    path.replace('%', "%25").replace(' ', "%20")
+}
+
+fn unescape(word: &str) -> String {
+    word.replace("%20", " ").replace("%25", "%")
+}
+
+/// SIGKILLs every process of this mount namespace whose working directory,
+/// root or an open file is on `mountpoint` (a /proc scan, like `fuser -k
+/// -m`). Returns their pids.
+fn kill_users_of(mountpoint: &Path) -> Vec<i32> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let on_mount = |p: &Path| p == mountpoint || p.starts_with(mountpoint);
+    // Paths only mean something within one mount namespace: a process in
+    // another one (another node in a test bed, a container) is not ours.
+    let my_ns = std::fs::read_link("/proc/self/ns/mnt").ok();
+    let mut killed = Vec::new();
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me || pid == 1 {
+            continue;
+        }
+        let dir = e.path();
+        if my_ns.is_none() || std::fs::read_link(dir.join("ns/mnt")).ok() != my_ns {
+            continue;
+        }
+        let mut uses = ["cwd", "root"]
+            .iter()
+            .filter_map(|l| std::fs::read_link(dir.join(l)).ok())
+            .any(|p| on_mount(&p));
+        if !uses && let Ok(fds) = std::fs::read_dir(dir.join("fd")) {
+            uses = fds
+                .flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .any(|p| on_mount(&p));
+        }
+        if uses
+            && let Ok(pid) = i32::try_from(pid)
+            && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok()
+        {
+            killed.push(pid);
+        }
+    }
+    killed
 }
 
 fn kill_all(pgids: &[i32]) {

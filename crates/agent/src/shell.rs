@@ -82,6 +82,16 @@ struct Shell {
     /// The status last published, and the lease it was attached to: a new
     /// session must republish even an unchanged status.
     last_status: Option<(i64, String)>,
+    /// Owned resources that hold a mount or an address (from the start
+    /// being issued until a stop succeeded): the fence guard takes them away.
+    guarded: BTreeMap<String, Guarded>,
+}
+
+/// A mount point or floating address the fence guard must take away.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Guarded {
+    Mount(String),
+    Address(String),
 }
 
 /// Runs the agent until it has moved its groups away after SIGTERM/SIGINT.
@@ -174,7 +184,9 @@ pub async fn run(opts: AgentOptions, coord: Arc<dyn Coordinator>) -> Result<()> 
         tx,
         lease: None,
         last_status: None,
+        guarded: BTreeMap::new(),
     };
+    stop_leftovers(&opts, &shell.drivers).await;
     tracing::info!(node = %opts.node, cluster = %opts.spec.name, "agent started");
     agent.handle(clock::now(), Event::Tick);
     loop {
@@ -218,9 +230,24 @@ pub async fn run(opts: AgentOptions, coord: Arc<dyn Coordinator>) -> Result<()> 
 }
 
 impl Shell {
-    /// Remembers what the shell itself needs from events (the session lease).
+    /// Remembers what the shell itself needs from events (the session lease,
+    /// what the guard must take away).
     fn observe(&mut self, event: &Event) {
         match event {
+            Event::OpDone {
+                resource,
+                op: Op::Stop,
+                result: Ok(()),
+            }
+            | Event::OpDone {
+                resource,
+                op: Op::Start,
+                result: Err(_),
+            } => {
+                if self.guarded.remove(resource).is_some() {
+                    self.update_guard();
+                }
+            }
             Event::SessionOpened { lease, .. } => self.lease = Some(*lease),
             Event::SessionLost { lease } if self.lease == Some(*lease) => self.lease = None,
             _ => {}
@@ -341,6 +368,14 @@ impl Shell {
                         result: Err("no lease authority for a group resource".into()),
                     });
                     return;
+                }
+                // The guard must be able to take a mount or an address away
+                // from the moment the start may have created it.
+                if authority.is_some()
+                    && let Some(g) = spec.and_then(guarded_of)
+                {
+                    self.guarded.insert(resource.clone(), g);
+                    self.update_guard();
                 }
                 let timeout = spec.map_or(Duration::from_secs(60), |r| r.start_timeout);
                 let ctx = OpCtx {
@@ -501,6 +536,18 @@ impl Shell {
         }
     }
 
+    fn update_guard(&self) {
+        let (mut mounts, mut addresses) = (Vec::new(), Vec::new());
+        for g in self.guarded.values() {
+            match g {
+                Guarded::Mount(m) => mounts.push(m.clone()),
+                Guarded::Address(a) => addresses.push(a.clone()),
+            }
+        }
+        self.guard.set_mounts(&mounts);
+        self.guard.set_addresses(&addresses);
+    }
+
     /// Publishes this node's status (attached to its lease) when it changed.
     fn publish_status(&mut self, agent: &Agent) {
         let Some(lease) = self.lease else { return };
@@ -568,6 +615,47 @@ async fn ordered_writer(coord: Arc<dyn Coordinator>, mut rx: tokio::sync::mpsc::
                     }
                 }
                 Ordered::Status { .. } => {}
+            }
+        }
+    }
+}
+
+/// The mount or address a resource holds, for the fence guard.
+fn guarded_of(r: &understudy_core::spec::ResourceSpec) -> Option<Guarded> {
+    match &r.kind {
+        understudy_core::spec::Kind::Fs(f) => Some(Guarded::Mount(f.mountpoint.clone())),
+        understudy_core::spec::Kind::Ip(i) => Some(Guarded::Address(i.address.to_string())),
+        _ => None,
+    }
+}
+
+/// At start-up nothing runs here with authority yet: whatever the drivers
+/// find running (an address still on the interface, a filesystem still
+/// mounted, a database an earlier run left) is stopped, dependents first.
+async fn stop_leftovers(opts: &AgentOptions, drivers: &HashMap<String, Arc<dyn Driver>>) {
+    let catalog = understudy_core::graph::Catalog::new(&opts.spec);
+    for g in &opts.spec.groups {
+        let order = catalog.group_order(g).unwrap_or_default();
+        let names = order.stop_waves.iter().flatten().chain(order.clones.iter());
+        for name in names {
+            let (Some(driver), Some(r)) = (drivers.get(name), g.resource(name)) else {
+                continue;
+            };
+            let ctx = OpCtx {
+                node: opts.node.clone(),
+                group: g.name.clone(),
+                token: None,
+                timeout: r.stop_timeout,
+            };
+            if driver.probe(&ctx).await == understudy_drivers::Health::Running {
+                tracing::warn!(
+                    group = g.name,
+                    resource = name,
+                    "found running from an earlier run: stopping it"
+                );
+                if let Err(e) = driver.stop(&ctx).await {
+                    tracing::error!(group = g.name, resource = name, "could not stop a leftover: {e}");
+                }
             }
         }
     }

@@ -14,6 +14,7 @@ pub fn check(path: &Path) -> Result<ExitCode> {
     let Some(spec) = load_checked(path)? else {
         return Ok(ExitCode::from(1));
     };
+    warn_units_enabled_at_boot(path, &spec)?;
     let resources: usize = spec.groups.iter().map(|g| g.resources.len()).sum();
     println!(
         "{}: ok: cluster `{}`, {} node{}, {} group{}, {} resource{}",
@@ -27,6 +28,42 @@ pub fn check(path: &Path) -> Result<ExitCode> {
         plural(resources)
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// W009 (S2.2a): a unit the cluster starts must not also be started by the
+/// OS at boot. Needs this machine's systemd, so it is checked here, not in
+/// the pure checker; silent where systemctl is absent or cannot answer.
+fn warn_units_enabled_at_boot(path: &Path, spec: &understudy_core::ClusterSpec) -> Result<()> {
+    let text = read(path)?;
+    let name = path.display().to_string();
+    let source = Source::new(&name, &text);
+    for r in spec.groups.iter().flat_map(|g| g.resources.iter()) {
+        let understudy_core::spec::Kind::Systemd(unit) = &r.kind else {
+            continue;
+        };
+        if r.role == understudy_core::spec::Role::MonitorOnly {
+            continue;
+        }
+        if understudy_drivers::systemd::is_enabled_at_boot(&unit.unit) == Some(true) {
+            let quoted = format!("\"{}\"", unit.unit);
+            let start = text.find(&quoted).unwrap_or(0);
+            let d = understudy_config::Diagnostic {
+                severity: understudy_config::Severity::Warning,
+                code: "W009",
+                message: format!(
+                    "unit {} of `{}` is enabled to start at boot; the OS would start it on every node",
+                    unit.unit, r.name
+                ),
+                span: start..start + quoted.len(),
+                hint: Some(format!(
+                    "run `systemctl disable {}` on every node: the cluster starts it where the group runs (S2.2a)",
+                    unit.unit
+                )),
+            };
+            eprint!("{}", source.render(&d));
+        }
+    }
+    Ok(())
 }
 
 fn plural(n: usize) -> &'static str {

@@ -122,3 +122,35 @@ fn plan_is_byte_for_byte_deterministic() {
     let b = understudy(&["plan", p.to_str().unwrap(), "--json"]).stdout;
     assert_eq!(a, b);
 }
+
+#[test]
+fn check_warns_about_a_managed_unit_enabled_at_boot() {
+    // PID 1 here is not systemd: a stand-in systemctl answers `is-enabled`.
+    let systemctl = temp_file(
+        "systemctl",
+        "#!/bin/sh\ncase \"$1 $2\" in\n  \"is-enabled nginx.service\") echo enabled; exit 0;;\n  *) echo disabled; exit 1;;\nesac\n",
+    );
+    std::fs::set_permissions(&systemctl, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let def = temp_file(
+        "units.toml",
+        "[cluster]\nname = \"c\"\n\n[[node]]\nname = \"n1\"\naddress = \"10.0.0.1/24\"\n\n[[node]]\nname = \"n2\"\naddress = \"10.0.0.2/24\"\n\n\
+         [group.g.resource.web]\nkind = \"systemd\"\nunit = \"nginx.service\"\n\n\
+         [group.g.resource.cache]\nkind = \"systemd\"\nunit = \"redis.service\"\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .args(["check", def.to_str().unwrap()])
+        .env("UNDERSTUDY_SYSTEMCTL", &systemctl)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "a warning does not fail the check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning[W009]: unit nginx.service of `web` is enabled to start at boot"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("systemctl disable nginx.service"), "{stderr}");
+    assert!(
+        !stderr.contains("redis.service of"),
+        "a disabled unit is fine: {stderr}"
+    );
+}
