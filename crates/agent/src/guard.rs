@@ -129,7 +129,12 @@ impl Held {
             // Whatever still uses the disk (a database's backends are
             // process-group leaders of their own) dies before the unmount.
             users.extend(kill_users_of(Path::new(m)));
-            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+            // A plain unmount flushes and finishes now; if something survived
+            // SIGKILL (stuck in the kernel on a hung disk) it is busy, and is
+            // detached instead — no worse than leaving it mounted.
+            if nix::mount::umount2(m.as_str(), nix::mount::MntFlags::empty()).is_err() {
+                let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+            }
         }
         if !users.is_empty() {
             eprintln!("understudy fence-guard: killed processes using owned filesystems: {users:?}");

@@ -243,11 +243,7 @@ impl Shell {
                 resource,
                 op: Op::Start,
                 result: Err(_),
-            } => {
-                if self.guarded.remove(resource).is_some() {
-                    self.update_guard();
-                }
-            }
+            } if self.guarded.remove(resource).is_some() => self.update_guard(),
             Event::SessionOpened { lease, .. } => self.lease = Some(*lease),
             Event::SessionLost { lease } if self.lease == Some(*lease) => self.lease = None,
             _ => {}

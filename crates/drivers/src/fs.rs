@@ -1,34 +1,1750 @@
-//! The `fs` driver: a shared filesystem. (Being written.)
+//! The `fs` driver: a shared filesystem (F3) — a block device every node of
+//! the group can reach, mounted on exactly one of them at a time.
+//!
+//! # Operations
+//!
+//! - **start**
+//!   1. Refuses without a fencing token (`ctx.token` is `None` for clones):
+//!      a shared disk is mounted only by its group's owner.
+//!   2. Resolves `device`: a path (symlinks such as `/dev/disk/by-id/…` are
+//!      followed), `UUID=…` or `LABEL=…` (through `/dev/disk/by-uuid|by-label`,
+//!      else `blkid -c /dev/null -U|-L`, which probes the devices without
+//!      trusting blkid's cache). It must be a block device.
+//!   3. Reads `/proc/self/mountinfo`. If the device is already mounted at the
+//!      mountpoint, start skips to step 7 (idempotent). If the mountpoint holds
+//!      another filesystem, or the device is mounted somewhere else, start
+//!      fails and says where.
+//!   4. Unless `fsck = false`, runs `fsck -p -T -t <fstype> <device>` (output
+//!      appended to `<state_dir>/logs/<resource>.log`, `LC_ALL=C`). Exit status
+//!      0 (clean) and 1 (errors corrected) go on; 2 (reboot advised; 3 = 1|2)
+//!      goes on with a warning in the agent's log — the advice is about a
+//!      mounted root filesystem, which this is not; 4 and above (uncorrected
+//!      errors, operational error, usage, cancelled) refuse to mount, quoting
+//!      fsck's last output lines. A signal or a timeout refuses too (fsck's
+//!      process group is killed).
+//!   5. Creates the mountpoint directory if missing.
+//!   6. Mounts with `mount(2)` (never the `mount` program). `options` are
+//!      translated: `ro`/`rw`, `nosuid`/`suid`, `nodev`/`dev`,
+//!      `noexec`/`exec`, `sync`/`async`, `dirsync`, `noatime`/`atime`,
+//!      `nodiratime`/`diratime`, `relatime`/`norelatime`,
+//!      `strictatime`/`nostrictatime`, `lazytime`/`nolazytime`,
+//!      `mand`/`nomand`, `iversion`/`noiversion`, `silent`/`loud` become
+//!      `MsFlags`; `defaults` and fstab-only words (`auto`, `noauto`, `user`,
+//!      `nouser`, `users`, `owner`, `group`, `nofail`, `_netdev`, `comment=…`,
+//!      `x-…`) are dropped; everything else is passed to the filesystem as its
+//!      data string (`errors=remount-ro,data=ordered`, …).
+//!   7. Checks and records the **fencing marker** (below); a newer token
+//!      there refuses (and a fresh mount is undone).
+//!   8. Creates `directories` (relative to the mountpoint) and removes probe
+//!      files a crashed monitor may have left.
+//!
+//!   The whole start is bounded by `ctx.timeout`. Every step that may block
+//!   on the disk (mount, marker, directories, unmount) runs on its own thread
+//!   and is awaited with a timeout; a thread stuck in the kernel is left
+//!   behind rather than blocking the agent. A `mount(2)` that times out may
+//!   still complete later: start reports it, and the agent's stop will
+//!   unmount it. If anything fails after a fresh mount, start unmounts again
+//!   (a slice of the timeout, at most 1 s, is kept for that), so a failed
+//!   start leaves nothing mounted.
+//!
+//! - **stop** does nothing when the filesystem is not mounted at the
+//!   mountpoint (if the device is mounted elsewhere, that mount is not ours
+//!   and is left alone with a warning). Otherwise, until the mount is gone or
+//!   the timeout is spent:
+//!   1. finds the processes holding the mount with a native `/proc` scan (not
+//!      `fuser`/`lsof`: no extra packages, no output parsing, and it tells us
+//!      *what* each process holds). A process holds the mount when its `cwd`,
+//!      `root` or `exe` lies under the mountpoint on the mount's device, an
+//!      open file descriptor is on this very mount (`mnt_id` in
+//!      `/proc/<pid>/fdinfo/<fd>`), or `/proc/<pid>/maps` maps a file under
+//!      the mountpoint from its device. Processes in another mount namespace
+//!      hold their own copy of the mount and are left alone. Processes are
+//!      identified by pid *and* start time, so a reused pid is never signalled;
+//!   2. sends them SIGTERM, waits up to 5 s (at most a third of the time
+//!      left) for them to exit, SIGKILLs the rest and waits for them (up to
+//!      5 s). A process that already had SIGKILL in an earlier round gets it
+//!      again at once. The agent itself, pid 1, and forks of the agent that
+//!      have not exec'd yet (they hold copies of the agent's descriptors for
+//!      an instant; see `find_holders`) are never signalled;
+//!   3. calls `umount2(mountpoint, 0)`; on `EBUSY` it scans again and retries
+//!      every 100 ms.
+//!
+//!   If the mount is still busy when the time is up, stop fails **loudly**
+//!   with every holder it can find — pid, command line, process state
+//!   (`D` = stuck in the kernel, typically on a hung disk), whether it
+//!   survived SIGKILL, and what it holds — plus any filesystem mounted below
+//!   the mountpoint. It **never unmounts lazily** (`MNT_DETACH`), not even as
+//!   a last resort: a detached mount hides its writers but keeps the
+//!   filesystem live and writable, so another node mounting the disk after
+//!   such a "successful" stop would corrupt it. A failed stop is the honest
+//!   answer: the agent retries it (forced) and, if it fails again, records
+//!   that it needs an operator. `MNT_FORCE` is not used either (it only
+//!   aborts requests on network filesystems). A `umount2` that blocks (hung
+//!   disk) is bounded like the rest. Of the operation's time, up to 1 s (a
+//!   fifth at most) is kept back from the killing, half of it still usable
+//!   by the last unmount attempt, the rest for the final scan that names the
+//!   holders.
+//!
+//! - **monitor** (on its own thread, awaited with `ctx.timeout`):
+//!   - `Failed` when the filesystem is not mounted at the mountpoint any more,
+//!     when something else is mounted on top of it, or when a read-write
+//!     filesystem has been remounted read-only (ext4 `errors=remount-ro`).
+//!     An unmount behind the agent's back is a failure, not `Stopped`: the
+//!     driver cannot tell an administrator's `umount` from a lost disk, and
+//!     the agent treats both alike (restart or failover), which is right for
+//!     a resource it believes it runs.
+//!   - Otherwise an I/O probe: creates `.understudy-probe-<pid>-<nonce>` with
+//!     a random nonce, writes the nonce, fsyncs, reads it back, deletes the
+//!     file (read-only mounts: lists the root directory instead).
+//!   - A probe that does not finish in time gives
+//!     `Failed("I/O probe timed out after …")`. Its thread may stay stuck in
+//!     the kernel; until it returns, later monitors report `Failed` at once
+//!     ("an earlier I/O probe … is still stuck") instead of piling up more
+//!     stuck threads. Threads are plain detached `std` threads, never tokio's
+//!     blocking pool, whose shutdown would wait for them.
+//!
+//! - **probe**: `Running` when the device is mounted at the mountpoint, else
+//!   `Stopped` (also when the device is mounted elsewhere, logged as a
+//!   warning: start will refuse that).
+//!
+//! After a successful start the resolved device (path, device number) is
+//! remembered: stop, monitor and probe use it, so a stop still works when the
+//! disk has vanished and `LABEL=` no longer resolves. Without it (agent
+//! restarted) they resolve again; if that fails, whatever filesystem of the
+//! configured `fstype` is mounted at the mountpoint counts as ours.
+//!
+//! # The fencing marker
+//!
+//! `<mountpoint>/.understudy-fence` records the highest fencing token under
+//! which the filesystem was ever mounted:
+//!
+//! ```text
+//! # understudy fencing marker: the highest fencing token that mounted this
+//! # filesystem. A node holding an older token must not use it. Do not edit.
+//! token=42
+//! node=node1
+//! group=g
+//! resource=shared
+//! time=2025-01-01T12:00:00Z
+//! ```
+//!
+//! Lines are `key=value`; `#` lines and unknown keys are ignored; `token` is
+//! required. After mounting (or finding the filesystem already mounted),
+//! start reads it:
+//!
+//! - no marker, or a token lower than `ctx.token`: start writes a new marker
+//!   (temp file `.understudy-fence.tmp`, fsync, rename over the marker, fsync
+//!   the directory, so a crash leaves either the old or the new marker);
+//! - the same token: nothing to write (unless the node differs, which cannot
+//!   happen with unique tokens; it is rewritten then);
+//! - a **newer** token: the node's ownership is stale (another node took the
+//!   group over since). Start unmounts again (if it mounted) and fails: "the
+//!   shared disk was last mounted under fencing token N by node X; this
+//!   node's token M is older: refusing". A stale owner must never write to
+//!   the disk;
+//! - an unreadable or unparsable marker: refused the same way (nothing
+//!   proves this node is not stale); an operator who knows better removes
+//!   the file.
+//!
+//! Read-only mounts check the marker but cannot write it, and only check
+//! that `directories` exist.
+//!
+//! The marker is defence in depth behind the lease protocol (the old owner's
+//! resources are dead before a new owner can win the key). It cannot stop
+//! what happens before it is read: `fsck -p` and the mount itself (journal
+//! replay) write to the device. It catches a stale owner before any
+//! application writes to the disk.
+
+use std::collections::HashSet;
+use std::collections::hash_map::RandomState;
+use std::fmt::Write as _;
+use std::fs::{self, File, OpenOptions};
+use std::hash::BuildHasher;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
+use nix::errno::Errno;
+use nix::mount::{MntFlags, MsFlags};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::stat::makedev;
+use nix::unistd::Pid;
 use understudy_core::spec::FsSpec;
 
-use crate::{Driver, DriverEnv, DriverError, Health, OpCtx};
+use crate::spawn::{Exit, KILL_WAIT, Launch, Log, Spawned, show_argv};
+use crate::{Driver, DriverEnv, DriverError, Health, OpCtx, procfs};
 
+/// The fencing marker, in the filesystem's root.
+pub const MARKER: &str = ".understudy-fence";
+/// Where a new marker is written before it is renamed over [`MARKER`].
+const MARKER_TMP: &str = ".understudy-fence.tmp";
+/// Prefix of the monitor's probe files.
+const PROBE_PREFIX: &str = ".understudy-probe-";
+/// How long stop waits after SIGTERM before SIGKILL (at most).
+const TERM_GRACE: Duration = Duration::from_secs(5);
+/// Pause between unmount attempts while the mount is busy.
+const UMOUNT_RETRY: Duration = Duration::from_millis(100);
+/// How long blkid may take at most.
+const BLKID_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many lines of fsck's output a refusal quotes.
+const FSCK_TAIL: usize = 20;
+/// At most this much of an operation's time is kept for cleaning up.
+const RESERVE: Duration = Duration::from_secs(1);
+
+/// Mounts, checks and hands over one shared filesystem (see the module docs).
 pub struct FsDriver {
     resource: String,
+    spec: FsSpec,
+    log_path: PathBuf,
+    /// The device as resolved by the last successful resolution.
+    device: Mutex<Option<Device>>,
+    /// Since when a monitor probe thread has been running, while it runs.
+    probe_busy: Arc<Mutex<Option<Instant>>>,
+    /// Serialises start and stop.
+    op: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for FsDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FsDriver")
+            .field("resource", &self.resource)
+            .field("device", &self.spec.device)
+            .field("mountpoint", &self.spec.mountpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A resolved block device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Device {
+    /// Canonical path, e.g. `/dev/sdb1`.
+    path: PathBuf,
+    /// Its device number (`st_rdev`).
+    rdev: u64,
+}
+
+/// How a mount is recognised as this resource's.
+#[derive(Clone, Debug)]
+enum Ident {
+    Device(Device),
+    /// The device cannot be resolved: any filesystem of this type at the
+    /// mountpoint counts as ours.
+    FsType(String),
+}
+
+impl Ident {
+    fn matches(&self, e: &MountEntry) -> bool {
+        match self {
+            Ident::Device(d) => {
+                e.dev == d.rdev
+                    || Path::new(&e.source) == d.path
+                    || (e.source.starts_with('/') && fs::canonicalize(&e.source).is_ok_and(|p| p == d.path))
+            }
+            Ident::FsType(t) => &e.fstype == t,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Ident::Device(d) => d.path.display().to_string(),
+            Ident::FsType(t) => format!("a {t} filesystem"),
+        }
+    }
+}
+
+/// One line of `/proc/self/mountinfo`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct MountEntry {
+    id: u64,
+    parent: u64,
+    /// `st_dev` of files on it.
+    dev: u64,
+    mountpoint: String,
+    /// Per-mount options (`rw,noatime`).
+    options: String,
+    fstype: String,
+    source: String,
+    /// Superblock options (`rw,errors=remount-ro`).
+    super_options: String,
+}
+
+impl MountEntry {
+    fn read_only(&self) -> bool {
+        has_opt(&self.options, "ro") || has_opt(&self.super_options, "ro")
+    }
+}
+
+fn has_opt(list: &str, opt: &str) -> bool {
+    list.split(',').any(|o| o == opt)
+}
+
+/// What the mount table says about the resource.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum MountState {
+    /// Ours, on top at the mountpoint.
+    Mounted(MountEntry),
+    /// Nothing of ours at the mountpoint, nor anywhere else.
+    NotMounted,
+    /// Something else is on top at the mountpoint; `ours_beneath` when our
+    /// filesystem is mounted there too, covered by it.
+    Other { top: MountEntry, ours_beneath: bool },
+    /// Not at the mountpoint, but mounted at these other places.
+    Elsewhere(Vec<MountEntry>),
+}
+
+/// Decodes the octal escapes (`\040` for a space) of mountinfo fields.
+fn unescape(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..=i + 3].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = u32::from(b[i + 1] - b'0') * 64 + u32::from(b[i + 2] - b'0') * 8 + u32::from(b[i + 3] - b'0');
+            out.push(u8::try_from(v).unwrap_or(b'?'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses one mountinfo line:
+/// `36 35 98:0 /mnt1 /mnt/parent rw,noatime master:1 - ext3 /dev/root rw,errors=continue`.
+fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
+    let (left, right) = line.split_once(" - ")?;
+    let l: Vec<&str> = left.split(' ').collect();
+    let r: Vec<&str> = right.split(' ').collect();
+    if l.len() < 6 || r.len() < 2 {
+        return None;
+    }
+    let (major, minor) = l[2].split_once(':')?;
+    Some(MountEntry {
+        id: l[0].parse().ok()?,
+        parent: l[1].parse().ok()?,
+        dev: makedev(major.parse().ok()?, minor.parse().ok()?),
+        mountpoint: unescape(l[4]),
+        options: l[5].to_owned(),
+        fstype: unescape(r[0]),
+        source: unescape(r[1]),
+        super_options: r.get(2).map(|s| unescape(s)).unwrap_or_default(),
+    })
+}
+
+fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines().filter_map(parse_mountinfo_line).collect()
+}
+
+fn read_mountinfo() -> Result<Vec<MountEntry>, String> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| parse_mountinfo(&t))
+        .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))
+}
+
+/// Classifies the mount table for the filesystem `ident` at `mp`.
+fn mount_state(entries: &[MountEntry], mp: &str, ident: &Ident) -> MountState {
+    let at: Vec<&MountEntry> = entries.iter().filter(|e| e.mountpoint == mp).collect();
+    // The top of a stack of mounts at one place is the one no other mount
+    // there sits on.
+    let top = at
+        .iter()
+        .rev()
+        .find(|e| !at.iter().any(|o| o.parent == e.id))
+        .or(at.last());
+    if let Some(top) = top {
+        if ident.matches(top) {
+            return MountState::Mounted((*top).clone());
+        }
+        return MountState::Other {
+            top: (*top).clone(),
+            ours_beneath: at.iter().any(|e| ident.matches(e)),
+        };
+    }
+    let elsewhere: Vec<MountEntry> = match ident {
+        Ident::Device(_) => entries.iter().filter(|e| ident.matches(e)).cloned().collect(),
+        Ident::FsType(_) => Vec::new(),
+    };
+    if elsewhere.is_empty() {
+        MountState::NotMounted
+    } else {
+        MountState::Elsewhere(elsewhere)
+    }
+}
+
+/// `path` lies at or below `dir`.
+fn under(path: &str, dir: &str) -> bool {
+    if dir == "/" {
+        return path.starts_with('/');
+    }
+    path == dir || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// The mountpoint as mountinfo shows it: symlinks resolved when it exists,
+/// else lexically cleaned up.
+fn mountpoint_key(mp: &str) -> String {
+    if let Ok(p) = fs::canonicalize(mp) {
+        return p.to_string_lossy().into_owned();
+    }
+    let mut out = PathBuf::from("/");
+    for c in Path::new(mp).components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir => {
+                out.pop();
+            }
+            _ => {}
+        }
+    }
+    out.to_string_lossy().into_owned()
+}
+
+/// `mount(2)` flags and data string for `options`.
+fn mount_options(options: &[String]) -> (MsFlags, String) {
+    let mut flags = MsFlags::empty();
+    let mut data: Vec<&str> = Vec::new();
+    for o in options {
+        let o = o.trim();
+        let (flag, on) = match o {
+            "ro" => (MsFlags::MS_RDONLY, true),
+            "rw" => (MsFlags::MS_RDONLY, false),
+            "nosuid" => (MsFlags::MS_NOSUID, true),
+            "suid" => (MsFlags::MS_NOSUID, false),
+            "nodev" => (MsFlags::MS_NODEV, true),
+            "dev" => (MsFlags::MS_NODEV, false),
+            "noexec" => (MsFlags::MS_NOEXEC, true),
+            "exec" => (MsFlags::MS_NOEXEC, false),
+            "sync" => (MsFlags::MS_SYNCHRONOUS, true),
+            "async" => (MsFlags::MS_SYNCHRONOUS, false),
+            "dirsync" => (MsFlags::MS_DIRSYNC, true),
+            "noatime" => (MsFlags::MS_NOATIME, true),
+            "atime" => (MsFlags::MS_NOATIME, false),
+            "nodiratime" => (MsFlags::MS_NODIRATIME, true),
+            "diratime" => (MsFlags::MS_NODIRATIME, false),
+            "relatime" => (MsFlags::MS_RELATIME, true),
+            "norelatime" => (MsFlags::MS_RELATIME, false),
+            "strictatime" => (MsFlags::MS_STRICTATIME, true),
+            "nostrictatime" => (MsFlags::MS_STRICTATIME, false),
+            "lazytime" => (MsFlags::MS_LAZYTIME, true),
+            "nolazytime" => (MsFlags::MS_LAZYTIME, false),
+            "mand" => (MsFlags::MS_MANDLOCK, true),
+            "nomand" => (MsFlags::MS_MANDLOCK, false),
+            "iversion" => (MsFlags::MS_I_VERSION, true),
+            "noiversion" => (MsFlags::MS_I_VERSION, false),
+            "silent" => (MsFlags::MS_SILENT, true),
+            "loud" => (MsFlags::MS_SILENT, false),
+            "" | "defaults" | "auto" | "noauto" | "user" | "nouser" | "users" | "owner" | "group" | "nofail"
+            | "_netdev" => continue,
+            _ if o.starts_with("x-") || o.starts_with("comment=") => continue,
+            _ => {
+                data.push(o);
+                continue;
+            }
+        };
+        flags.set(flag, on);
+    }
+    (flags, data.join(","))
+}
+
+/// What fsck's exit status means for mounting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FsckVerdict {
+    /// 0: clean.
+    Clean,
+    /// 1: errors were corrected.
+    Fixed,
+    /// 2 or 3: corrected, reboot advised (meant for a mounted root fs).
+    RebootAdvised,
+    /// 4 and above: do not mount.
+    Refuse,
+}
+
+fn fsck_verdict(code: i32) -> FsckVerdict {
+    if code & !3 != 0 {
+        FsckVerdict::Refuse
+    } else if code & 2 != 0 {
+        FsckVerdict::RebootAdvised
+    } else if code & 1 != 0 {
+        FsckVerdict::Fixed
+    } else {
+        FsckVerdict::Clean
+    }
+}
+
+/// The meaning of fsck's exit status bits, for messages.
+fn fsck_meaning(code: i32) -> String {
+    let bits = [
+        (1, "errors corrected"),
+        (2, "reboot advised"),
+        (4, "errors left uncorrected"),
+        (8, "operational error"),
+        (16, "usage or syntax error"),
+        (32, "cancelled by user request"),
+        (128, "shared library error"),
+    ];
+    let words: Vec<&str> = bits.iter().filter(|(b, _)| code & b != 0).map(|(_, w)| *w).collect();
+    if words.is_empty() {
+        "no errors".into()
+    } else {
+        words.join(", ")
+    }
+}
+
+/// The contents of the fencing marker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Marker {
+    token: i64,
+    node: String,
+    group: String,
+    resource: String,
+    time: String,
+}
+
+impl Marker {
+    fn render(&self) -> String {
+        let clean = |s: &str| s.replace(['\n', '\r'], " ");
+        format!(
+            "# understudy fencing marker: the highest fencing token that mounted this\n\
+             # filesystem. A node holding an older token must not use it. Do not edit.\n\
+             token={}\nnode={}\ngroup={}\nresource={}\ntime={}\n",
+            self.token,
+            clean(&self.node),
+            clean(&self.group),
+            clean(&self.resource),
+            clean(&self.time),
+        )
+    }
+
+    fn parse(text: &str) -> Result<Marker, String> {
+        let mut token = None;
+        let mut m = Marker {
+            token: 0,
+            node: "?".into(),
+            group: String::new(),
+            resource: String::new(),
+            time: "?".into(),
+        };
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let Some((k, v)) = line.split_once('=') else {
+                return Err(format!("malformed line `{line}`"));
+            };
+            let v = v.trim().to_owned();
+            match k.trim() {
+                "token" => token = Some(v.parse::<i64>().map_err(|_| format!("bad token `{v}`"))?),
+                "node" => m.node = v,
+                "group" => m.group = v,
+                "resource" => m.resource = v,
+                "time" => m.time = v,
+                _ => {}
+            }
+        }
+        m.token = token.ok_or("no `token=` line")?;
+        Ok(m)
+    }
+}
+
+fn read_marker(mp: &Path) -> Result<Option<Marker>, String> {
+    let path = mp.join(MARKER);
+    match fs::read_to_string(&path) {
+        Ok(text) => Marker::parse(&text)
+            .map(Some)
+            .map_err(|e| format!("fencing marker {} is unreadable ({e})", path.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot read fencing marker {}: {e}", path.display())),
+    }
+}
+
+/// Replaces the marker atomically and durably.
+fn write_marker(mp: &Path, m: &Marker) -> io::Result<()> {
+    let tmp = mp.join(MARKER_TMP);
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&tmp)?;
+        f.write_all(m.render().as_bytes())?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, mp.join(MARKER))?;
+    File::open(mp)?.sync_all()
+}
+
+/// Why the steps after mounting failed.
+#[derive(Debug)]
+enum Settle {
+    /// The fencing marker forbids this node to use the disk.
+    Refused(String),
+    Failed(String),
+}
+
+/// After mounting: the fencing marker, directories, leftover probe files.
+fn settle(mp: &Path, me: &Marker, readonly: bool, directories: &[String]) -> Result<(), Settle> {
+    let marker = read_marker(mp).map_err(|e| {
+        Settle::Refused(format!(
+            "{e}; cannot prove this node's token {} is current: refusing (remove the file if no other node uses the disk)",
+            me.token
+        ))
+    })?;
+    if let Some(m) = &marker
+        && m.token > me.token
+    {
+        return Err(Settle::Refused(format!(
+            "the shared disk was last mounted under fencing token {} by node {} (at {}); this node's token {} is older: refusing",
+            m.token, m.node, m.time, me.token
+        )));
+    }
+    if readonly {
+        for d in directories {
+            if !mp.join(d).is_dir() {
+                return Err(Settle::Failed(format!(
+                    "directory {} does not exist and the filesystem is mounted read-only",
+                    mp.join(d).display()
+                )));
+            }
+        }
+        return Ok(());
+    }
+    if marker.as_ref().is_none_or(|m| m.token < me.token || m.node != me.node) {
+        write_marker(mp, me).map_err(|e| {
+            Settle::Failed(format!(
+                "cannot write fencing marker {}: {e}",
+                mp.join(MARKER).display()
+            ))
+        })?;
+    }
+    if let Ok(dir) = fs::read_dir(mp) {
+        for entry in dir.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(PROBE_PREFIX) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+    for d in directories {
+        let p = mp.join(d);
+        fs::create_dir_all(&p).map_err(|e| Settle::Failed(format!("cannot create directory {}: {e}", p.display())))?;
+    }
+    Ok(())
+}
+
+/// A random hex nonce (std's per-instance random hash keys).
+fn nonce() -> String {
+    let a = RandomState::new().hash_one(std::process::id());
+    let b = RandomState::new().hash_one(SystemTime::now());
+    format!("{a:016x}{b:016x}")
+}
+
+/// The monitor's write-and-read probe (read-only mounts: a directory read).
+fn io_probe(mp: &Path, readonly: bool) -> Result<(), String> {
+    if readonly {
+        return fs::read_dir(mp)
+            .and_then(|mut d| d.next().transpose())
+            .map(drop)
+            .map_err(|e| format!("I/O probe: cannot read {}: {e}", mp.display()));
+    }
+    let nonce = nonce();
+    let path = mp.join(format!("{PROBE_PREFIX}{}-{nonce}", std::process::id()));
+    let run = || -> Result<(), String> {
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| format!("create: {e}"))?;
+        f.write_all(nonce.as_bytes()).map_err(|e| format!("write: {e}"))?;
+        f.sync_all().map_err(|e| format!("fsync: {e}"))?;
+        let mut back = String::new();
+        f.seek(SeekFrom::Start(0))
+            .and_then(|_| f.read_to_string(&mut back))
+            .map_err(|e| format!("read back: {e}"))?;
+        if back != nonce {
+            return Err(format!("read back `{back}` instead of `{nonce}`"));
+        }
+        drop(f);
+        fs::remove_file(&path).map_err(|e| format!("delete: {e}"))
+    };
+    run().map_err(|e| {
+        let _ = fs::remove_file(&path);
+        format!("I/O probe on {} failed: {e}", path.display())
+    })
+}
+
+/// Why a call on a helper thread gave no answer.
+#[derive(Debug)]
+enum BlockingError {
+    TimedOut(Duration),
+    Spawn(io::Error),
+    /// The closure panicked.
+    Lost,
+}
+
+impl std::fmt::Display for BlockingError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BlockingError::TimedOut(t) => write!(f, "did not return within {t:?}"),
+            BlockingError::Spawn(e) => write!(f, "cannot start a helper thread: {e}"),
+            BlockingError::Lost => write!(f, "its helper thread panicked"),
+        }
+    }
+}
+
+/// Runs `f` on a new detached thread and waits up to `timeout` for its
+/// result. On timeout the thread is left running (it may be stuck in the
+/// kernel for good); nothing ever waits for it.
+async fn run_blocking<T, F>(name: &str, timeout: Duration, f: F) -> Result<T, BlockingError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(BlockingError::Spawn)?;
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(_)) => Err(BlockingError::Lost),
+        Err(_) => Err(BlockingError::TimedOut(timeout)),
+    }
+}
+
+/// Clears a "probe running" slot when the probe thread ends, even by panic.
+struct ClearOnDrop(Arc<Mutex<Option<Instant>>>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        *lock(&self.0) = None;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn left(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+/// Where a system tool lives: the usual sbin/bin directories, else `PATH`.
+fn tool(name: &str) -> PathBuf {
+    for dir in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    PathBuf::from(name)
+}
+
+/// A process holding the mount.
+#[derive(Clone, Debug)]
+struct Holder {
+    pid: i32,
+    /// Start time (clock ticks since boot): with the pid, the identity.
+    start: u64,
+    state: char,
+    cmdline: String,
+    /// What it holds: `cwd /srv/x`, `fd 3 → /srv/x/f`, `maps /srv/x/lib.so`.
+    what: Vec<String>,
+    /// A child of the agent still running the agent's program: forked but
+    /// not yet exec'd, holding copies of the agent's own descriptors for an
+    /// instant. Left alone (exec closes them); see [`find_holders`].
+    unexeced_fork: bool,
+}
+
+impl Holder {
+    fn key(&self) -> (i32, u64) {
+        (self.pid, self.start)
+    }
+
+    /// Still the same live (non-zombie) process.
+    fn alive(&self) -> bool {
+        procfs::stat(self.pid).is_some_and(|s| s.is_live() && s.start_time == self.start)
+    }
+
+    /// Sends `sig` if the pid still names the same process.
+    fn signal(&self, sig: Signal) {
+        if procfs::start_time(self.pid) == Some(self.start)
+            && let Err(e) = kill(Pid::from_raw(self.pid), sig)
+            && e != Errno::ESRCH
+        {
+            tracing::warn!("cannot send {} to process {}: {e}", sig.as_str(), self.pid);
+        }
+    }
+}
+
+fn cmdline(pid: i32) -> String {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let text: String = String::from_utf8_lossy(&raw)
+        .split('\0')
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if text.is_empty() {
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        format!("[{}]", comm.trim())
+    } else {
+        text
+    }
+}
+
+/// A `/proc` link target without the ` (deleted)` suffix.
+fn link_path(p: &Path) -> String {
+    let s = p.to_string_lossy();
+    s.strip_suffix(" (deleted)").unwrap_or(&s).to_owned()
+}
+
+/// The `mnt_id` field of `/proc/<pid>/fdinfo/<fd>`.
+fn fd_mnt_id(pid: i32, fd: &str) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("mnt_id:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// `maj:min` in hex (as in `/proc/<pid>/maps`) to a device number.
+fn parse_hex_dev(s: &str) -> Option<u64> {
+    let (a, b) = s.split_once(':')?;
+    Some(makedev(
+        u64::from_str_radix(a, 16).ok()?,
+        u64::from_str_radix(b, 16).ok()?,
+    ))
+}
+
+/// What process `pid` holds of `mount` (see the module docs).
+fn holdings(pid: i32, mount: &MountEntry) -> Vec<String> {
+    let mp = mount.mountpoint.as_str();
+    let proc_dir = format!("/proc/{pid}");
+    let mut what = Vec::new();
+    let on_dev = |link: &str| fs::metadata(format!("{proc_dir}/{link}")).is_ok_and(|m| m.dev() == mount.dev);
+    let mut chrooted = false;
+    for link in ["cwd", "root", "exe"] {
+        let Ok(target) = fs::read_link(format!("{proc_dir}/{link}")) else {
+            continue;
+        };
+        let path = link_path(&target);
+        if link == "root" && path != "/" {
+            chrooted = true;
+        }
+        if under(&path, mp) && on_dev(link) {
+            what.push(format!("{link} {path}"));
+        }
+    }
+    if let Ok(fds) = fs::read_dir(format!("{proc_dir}/fd")) {
+        for fd in fds.flatten() {
+            let name = fd.file_name().to_string_lossy().into_owned();
+            let Ok(target) = fs::read_link(fd.path()) else {
+                continue;
+            };
+            let path = link_path(&target);
+            if !path.starts_with('/') || !(chrooted || under(&path, mp)) {
+                continue;
+            }
+            let ours = match fd_mnt_id(pid, &name) {
+                Some(id) => id == mount.id,
+                None => on_dev(&format!("fd/{name}")),
+            };
+            if ours {
+                what.push(format!("fd {name} → {path}"));
+            }
+        }
+    }
+    if let Ok(maps) = fs::read_to_string(format!("{proc_dir}/maps")) {
+        let mut seen = HashSet::new();
+        for line in maps.lines() {
+            // address perms offset dev inode path
+            let mut rest = line;
+            let mut fields = Vec::new();
+            for _ in 0..5 {
+                let t = rest.trim_start();
+                let end = t.find(' ').unwrap_or(t.len());
+                fields.push(&t[..end]);
+                rest = &t[end..];
+            }
+            let path = link_path(Path::new(rest.trim()));
+            if fields.len() == 5
+                && parse_hex_dev(fields[3]) == Some(mount.dev)
+                && under(&path, mp)
+                && seen.insert(path.clone())
+            {
+                what.push(format!("maps {path}"));
+            }
+        }
+    }
+    what
+}
+
+/// Every process in our mount namespace holding `mount`.
+///
+/// A process the agent has just forked (to run any command, for any
+/// resource) holds copies of *all* the agent's descriptors until it execs —
+/// including, say, a monitor's probe file open on this mount at that moment.
+/// Such a fork (parent: the agent, program: the agent's) is reported but
+/// never signalled: killing it would kill an unrelated command before it
+/// starts, and it lets go by itself at exec (stop retries on `EBUSY`).
+fn find_holders(mount: &MountEntry) -> Vec<Holder> {
+    let my_ns = fs::read_link("/proc/self/ns/mnt").ok();
+    let me = own_pid();
+    let my_exe = fs::read_link("/proc/self/exe").ok();
+    let mut holders = Vec::new();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return holders;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let (Some(mine), Ok(theirs)) = (&my_ns, fs::read_link(format!("/proc/{pid}/ns/mnt")))
+            && *mine != theirs
+        {
+            continue;
+        }
+        let what = holdings(pid, mount);
+        if what.is_empty() {
+            continue;
+        }
+        let Some(st) = procfs::stat(pid) else { continue };
+        if !st.is_live() {
+            continue;
+        }
+        let unexeced_fork = pid != me
+            && parent_pid(pid) == Some(me)
+            && my_exe.is_some()
+            && fs::read_link(format!("/proc/{pid}/exe")).ok() == my_exe;
+        holders.push(Holder {
+            pid,
+            start: st.start_time,
+            state: st.state,
+            cmdline: cmdline(pid),
+            what,
+            unexeced_fork,
+        });
+    }
+    holders
+}
+
+/// Field 4 of `/proc/<pid>/stat`: the parent's pid.
+fn parent_pid(pid: i32) -> Option<i32> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    text[text.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
+}
+
+fn own_pid() -> i32 {
+    i32::try_from(std::process::id()).unwrap_or(i32::MAX)
+}
+
+/// Waits up to `timeout` until none of `holders` is alive.
+async fn wait_gone(holders: &[&Holder], timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if holders.iter().all(|h| !h.alive()) {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
 }
 
 impl FsDriver {
-    pub fn new(resource: &str, _spec: &FsSpec, _env: &DriverEnv) -> Result<Self, DriverError> {
+    pub fn new(resource: &str, spec: &FsSpec, env: &DriverEnv) -> Result<Self, DriverError> {
+        let bad = |message: String| DriverError::Failed {
+            op: "configure",
+            resource: resource.to_owned(),
+            message,
+        };
+        if spec.device.trim().is_empty() {
+            return Err(bad("`device` is empty".into()));
+        }
+        if !spec.mountpoint.starts_with('/') {
+            return Err(bad(format!(
+                "mount point `{}` is not an absolute path",
+                spec.mountpoint
+            )));
+        }
+        if mountpoint_key(&spec.mountpoint) == "/" {
+            return Err(bad("the mount point cannot be `/`".into()));
+        }
+        if spec.fstype.trim().is_empty() {
+            return Err(bad("`fstype` is empty".into()));
+        }
+        for d in &spec.directories {
+            let p = Path::new(d);
+            if p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir)) {
+                return Err(bad(format!("directory `{d}` must be relative to the mount point")));
+            }
+        }
         Ok(FsDriver {
-            resource: resource.to_string(),
+            resource: resource.to_owned(),
+            spec: spec.clone(),
+            log_path: env.state_dir.join("logs").join(format!("{resource}.log")),
+            device: Mutex::new(None),
+            probe_busy: Arc::new(Mutex::new(None)),
+            op: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// The file that receives fsck's output.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    fn failed(&self, op: &'static str, message: impl Into<String>) -> DriverError {
+        DriverError::Failed {
+            op,
+            resource: self.resource.clone(),
+            message: message.into(),
+        }
+    }
+
+    fn mountpoint(&self) -> String {
+        mountpoint_key(&self.spec.mountpoint)
+    }
+
+    fn readonly(&self) -> bool {
+        mount_options(&self.spec.options).0.contains(MsFlags::MS_RDONLY)
+    }
+
+    /// Resolves `device` to a block device.
+    async fn resolve_device(&self, budget: Duration) -> Result<Device, String> {
+        let spec = self.spec.device.trim();
+        let path = if let Some(uuid) = spec.strip_prefix("UUID=") {
+            self.lookup("/dev/disk/by-uuid", "-U", "UUID", uuid, budget).await?
+        } else if let Some(label) = spec.strip_prefix("LABEL=") {
+            self.lookup("/dev/disk/by-label", "-L", "LABEL", label, budget).await?
+        } else {
+            PathBuf::from(spec)
+        };
+        let canon = fs::canonicalize(&path).map_err(|e| format!("device {}: {e}", path.display()))?;
+        let meta = fs::metadata(&canon).map_err(|e| format!("device {}: {e}", canon.display()))?;
+        if !meta.file_type().is_block_device() {
+            return Err(format!("{} is not a block device", canon.display()));
+        }
+        Ok(Device {
+            path: canon,
+            rdev: meta.rdev(),
+        })
+    }
+
+    /// `UUID=`/`LABEL=`: the udev link if there is one, else blkid.
+    async fn lookup(&self, dir: &str, flag: &str, tag: &str, value: &str, budget: Duration) -> Result<PathBuf, String> {
+        let link = Path::new(dir).join(value);
+        if link.exists() {
+            return Ok(link);
+        }
+        let blkid = tool("blkid");
+        let mut cmd = tokio::process::Command::new(&blkid);
+        cmd.args(["-c", "/dev/null", flag, value])
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let limit = budget.min(BLKID_TIMEOUT);
+        let out = match tokio::time::timeout(limit, cmd.output()).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return Err(format!("cannot run {}: {e}", blkid.display())),
+            Err(_) => return Err(format!("`blkid {flag} {value}` did not finish within {limit:?}")),
+        };
+        let found = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned();
+        if out.status.success() && !found.is_empty() {
+            return Ok(PathBuf::from(found));
+        }
+        Err(format!(
+            "no block device with {tag}={value} (neither {} nor blkid found one{})",
+            link.display(),
+            match String::from_utf8_lossy(&out.stderr).trim() {
+                "" => String::new(),
+                e => format!(": {e}"),
+            }
+        ))
+    }
+
+    /// How to recognise our mount: the remembered device, a fresh
+    /// resolution, or failing that the configured fstype.
+    async fn ident(&self, budget: Duration) -> Ident {
+        if let Some(d) = lock(&self.device).clone() {
+            return Ident::Device(d);
+        }
+        match self.resolve_device(budget).await {
+            Ok(d) => {
+                *lock(&self.device) = Some(d.clone());
+                Ident::Device(d)
+            }
+            Err(e) => {
+                tracing::debug!(
+                    "{}: {e}; any {} filesystem at the mount point counts as ours",
+                    self.resource,
+                    self.spec.fstype
+                );
+                Ident::FsType(self.spec.fstype.clone())
+            }
+        }
+    }
+
+    /// Runs `fsck -p`. `Err` refuses the mount.
+    async fn fsck(&self, ctx: &OpCtx, dev: &Device, deadline: Instant) -> Result<(), String> {
+        let argv: Vec<String> = vec![
+            tool("fsck").to_string_lossy().into_owned(),
+            "-p".into(),
+            "-T".into(),
+            "-t".into(),
+            self.spec.fstype.clone(),
+            dev.path.to_string_lossy().into_owned(),
+        ];
+        let launch = Launch {
+            resource: self.resource.clone(),
+            base_dir: PathBuf::from("/"),
+            env: vec![("LC_ALL".into(), "C".into())],
+            cwd: Some("/".into()),
+            user: None,
+        };
+        let mut log = Log::open(&self.log_path)?;
+        let mut cmd = launch.command(&argv, ctx, &[])?;
+        log.header(&format!(
+            "checking {} before mounting: {}",
+            dev.path.display(),
+            show_argv(&argv)
+        ));
+        cmd.stdout(log.stdio()?).stderr(log.stdio()?);
+        let spawned = Spawned::spawn(&mut cmd).map_err(|e| format!("cannot run `{}`: {e}", show_argv(&argv)))?;
+        let budget = left(deadline);
+        let exit = spawned.wait_exit(budget).await;
+        let result = match exit {
+            Some(Exit::Code(code)) => match fsck_verdict(code) {
+                FsckVerdict::Clean => Ok(()),
+                FsckVerdict::Fixed => {
+                    tracing::info!("{}: fsck corrected errors on {}", self.resource, dev.path.display());
+                    Ok(())
+                }
+                FsckVerdict::RebootAdvised => {
+                    tracing::warn!(
+                        "{}: fsck on {} exited with status {code} ({}); mounting anyway (the advice concerns a mounted root filesystem){}",
+                        self.resource,
+                        dev.path.display(),
+                        fsck_meaning(code),
+                        log.tail(FSCK_TAIL)
+                    );
+                    Ok(())
+                }
+                FsckVerdict::Refuse => Err(format!(
+                    "fsck found a problem on {} and exited with status {code} ({}): refusing to mount{}",
+                    dev.path.display(),
+                    fsck_meaning(code),
+                    log.tail(FSCK_TAIL)
+                )),
+            },
+            Some(other) => Err(format!(
+                "`{}` {other}: refusing to mount{}",
+                show_argv(&argv),
+                log.tail(FSCK_TAIL)
+            )),
+            None => {
+                if let Err(e) = spawned.terminate(Signal::SIGKILL, Duration::ZERO).await {
+                    tracing::warn!("{}: {e}", self.resource);
+                }
+                Err(format!(
+                    "fsck of {} did not finish within {budget:?} (killed): refusing to mount{}",
+                    dev.path.display(),
+                    log.tail(FSCK_TAIL)
+                ))
+            }
+        };
+        spawned.reap().await;
+        result
+    }
+
+    /// One `umount2(mp, 0)` on a helper thread.
+    async fn umount_once(&self, mp: &str, timeout: Duration) -> Result<Result<(), Errno>, BlockingError> {
+        let target = mp.to_owned();
+        run_blocking("us-fs-umount", timeout, move || {
+            nix::mount::umount2(target.as_str(), MntFlags::empty())
+        })
+        .await
+    }
+
+    /// Undoes a fresh mount after a failed start; says how that went.
+    async fn undo_mount(&self, mp: &str, deadline: Instant) -> String {
+        match self.umount_once(mp, left(deadline)).await {
+            Ok(Ok(())) => format!("{mp} unmounted again"),
+            Ok(Err(e)) => format!("and unmounting {mp} again failed: {e}; stop the resource to clean up"),
+            Err(e) => format!("and unmounting {mp} again {e}; stop the resource to clean up"),
+        }
+    }
+
+    /// Signals `holders` (SIGTERM, grace, SIGKILL) and waits for them.
+    async fn evict(&self, holders: &[Holder], killed: &mut HashSet<(i32, u64)>, deadline: Instant) {
+        let me = own_pid();
+        let targets: Vec<&Holder> = holders
+            .iter()
+            .filter(|h| h.pid != me && h.pid > 1 && !h.unexeced_fork)
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        let fresh: Vec<&Holder> = targets.iter().copied().filter(|h| !killed.contains(&h.key())).collect();
+        for h in &fresh {
+            tracing::warn!(
+                "{}: sending SIGTERM to process {} ({}), which holds {}: {}",
+                self.resource,
+                h.pid,
+                h.cmdline,
+                self.spec.mountpoint,
+                h.what.join("; ")
+            );
+            h.signal(Signal::SIGTERM);
+        }
+        if !fresh.is_empty() {
+            wait_gone(&fresh, TERM_GRACE.min(left(deadline) / 3)).await;
+        }
+        let survivors: Vec<&Holder> = targets.iter().copied().filter(|h| h.alive()).collect();
+        if survivors.is_empty() {
+            return;
+        }
+        for h in &survivors {
+            tracing::warn!(
+                "{}: process {} ({}) still holds {}: sending SIGKILL",
+                self.resource,
+                h.pid,
+                h.cmdline,
+                self.spec.mountpoint
+            );
+            h.signal(Signal::SIGKILL);
+            killed.insert(h.key());
+        }
+        wait_gone(&survivors, KILL_WAIT.min(left(deadline))).await;
+    }
+
+    /// The loud failure of a stop that could not unmount.
+    async fn busy_error(
+        &self,
+        mount: &MountEntry,
+        killed: &HashSet<(i32, u64)>,
+        started: Instant,
+        deadline: Instant,
+        last: Option<String>,
+    ) -> DriverError {
+        let mp = mount.mountpoint.clone();
+        let scan = {
+            let m = mount.clone();
+            run_blocking(
+                "us-fs-scan",
+                left(deadline).max(Duration::from_millis(100)),
+                move || find_holders(&m),
+            )
+            .await
+        };
+        let mut msg = format!(
+            "{mp} is still in use after {:?}; refusing to unmount it lazily (MNT_DETACH) while it is in use",
+            started.elapsed()
+        );
+        if let Some(last) = last {
+            let _ = write!(msg, " (last umount2: {last})");
+        }
+        msg.push_str(". Holders:");
+        let me = own_pid();
+        let mut any = false;
+        match scan {
+            Ok(holders) => {
+                for h in &holders {
+                    any = true;
+                    let who = if h.pid == me {
+                        format!("the agent itself (pid {})", h.pid)
+                    } else if h.unexeced_fork {
+                        format!("pid {} (a fork of the agent that has not exec'd yet)", h.pid)
+                    } else {
+                        format!("pid {} ({})", h.pid, h.cmdline)
+                    };
+                    let mut notes = vec![format!("state {}", h.state)];
+                    if killed.contains(&h.key()) {
+                        notes.push("survived SIGKILL".into());
+                    }
+                    if h.state == 'D' {
+                        notes.push("stuck in the kernel, is the disk hung?".into());
+                    }
+                    let _ = write!(msg, "\n  {who} [{}]: {}", notes.join(", "), h.what.join("; "));
+                }
+            }
+            Err(e) => {
+                let _ = write!(msg, "\n  (the scan for holders {e})");
+            }
+        }
+        if let Ok(entries) = read_mountinfo() {
+            for e in entries
+                .iter()
+                .filter(|e| e.mountpoint != mp && under(&e.mountpoint, &mp))
+            {
+                any = true;
+                let _ = write!(
+                    msg,
+                    "\n  mounted below it: {} ({} from {})",
+                    e.mountpoint, e.fstype, e.source
+                );
+            }
+        }
+        if !any {
+            msg.push_str(
+                "\n  no process found: something in the kernel holds it (an NFS export, a loop device \
+                 or swap file on it, a process in another mount namespace?)",
+            );
+        }
+        self.failed("stop", msg)
     }
 }
 
 #[async_trait]
 impl Driver for FsDriver {
-    async fn start(&self, _ctx: &OpCtx) -> Result<(), DriverError> {
-        Err(DriverError::Unsupported("kind `fs`"))
+    async fn start(&self, ctx: &OpCtx) -> Result<(), DriverError> {
+        let _op = self.op.lock().await;
+        let started = Instant::now();
+        let deadline = started + ctx.timeout;
+        // Time kept for undoing a fresh mount if a later step fails.
+        let work = deadline - (ctx.timeout / 5).min(RESERVE);
+        let Some(token) = ctx.token else {
+            return Err(self.failed(
+                "start",
+                "no fencing token: a shared filesystem is mounted only by its group's owner (not as a clone)",
+            ));
+        };
+        let dev = self
+            .resolve_device(left(work))
+            .await
+            .map_err(|e| self.failed("start", e))?;
+        *lock(&self.device) = Some(dev.clone());
+        let mp = self.mountpoint();
+        let entries = read_mountinfo().map_err(|e| self.failed("start", e))?;
+        let (flags, data) = mount_options(&self.spec.options);
+        let readonly = flags.contains(MsFlags::MS_RDONLY);
+        let fresh = match mount_state(&entries, &mp, &Ident::Device(dev.clone())) {
+            MountState::Mounted(_) => {
+                tracing::debug!("{}: {} is already mounted at {mp}", self.resource, dev.path.display());
+                false
+            }
+            MountState::Other { top, .. } => {
+                return Err(self.failed(
+                    "start",
+                    format!(
+                        "{mp} already holds another filesystem ({} from {}); refusing to mount {} there",
+                        top.fstype,
+                        top.source,
+                        dev.path.display()
+                    ),
+                ));
+            }
+            MountState::Elsewhere(es) => {
+                let places: Vec<&str> = es.iter().map(|e| e.mountpoint.as_str()).collect();
+                return Err(self.failed(
+                    "start",
+                    format!(
+                        "{} is already mounted at {}; refusing to mount it at {mp} as well",
+                        dev.path.display(),
+                        places.join(", ")
+                    ),
+                ));
+            }
+            MountState::NotMounted => true,
+        };
+        if fresh {
+            if self.spec.fsck {
+                self.fsck(ctx, &dev, work).await.map_err(|e| self.failed("start", e))?;
+            }
+            let (source, target, fstype) = (dev.path.clone(), PathBuf::from(&mp), self.spec.fstype.clone());
+            let mounted = run_blocking("us-fs-mount", left(work), move || -> Result<(), String> {
+                fs::create_dir_all(&target)
+                    .map_err(|e| format!("cannot create mount point {}: {e}", target.display()))?;
+                if !target.is_dir() {
+                    return Err(format!("mount point {} is not a directory", target.display()));
+                }
+                let data = (!data.is_empty()).then_some(data.as_str());
+                nix::mount::mount(Some(&source), &target, Some(fstype.as_str()), flags, data).map_err(|e| {
+                    format!(
+                        "mount(2) of {} at {} (type {fstype}, flags {flags:?}, data `{}`) failed: {e}",
+                        source.display(),
+                        target.display(),
+                        data.unwrap_or("")
+                    )
+                })
+            })
+            .await;
+            match mounted {
+                Ok(Ok(())) => tracing::info!("{}: mounted {} at {mp}", self.resource, dev.path.display()),
+                Ok(Err(e)) => return Err(self.failed("start", e)),
+                Err(e) => {
+                    return Err(self.failed(
+                        "start",
+                        format!(
+                            "mounting {} at {mp} {e}; it may still complete (is the disk hung?): stop the resource to clean up",
+                            dev.path.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        let me = Marker {
+            token,
+            node: ctx.node.clone(),
+            group: ctx.group.clone(),
+            resource: self.resource.clone(),
+            time: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        };
+        let dirs = self.spec.directories.clone();
+        let root = PathBuf::from(&mp);
+        let settled = run_blocking("us-fs-settle", left(work), move || settle(&root, &me, readonly, &dirs)).await;
+        let message = match settled {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(Settle::Refused(m) | Settle::Failed(m))) => m,
+            Err(e) => format!("checking the fencing marker and directories on {mp} {e} (is the disk hung?)"),
+        };
+        if fresh {
+            let undo = self.undo_mount(&mp, deadline).await;
+            Err(self.failed("start", format!("{message}; {undo}")))
+        } else {
+            Err(self.failed(
+                "start",
+                format!("{message}; it stays mounted at {mp} until the resource is stopped"),
+            ))
+        }
     }
-    async fn stop(&self, _ctx: &OpCtx) -> Result<(), DriverError> {
-        Err(DriverError::Unsupported("kind `fs`"))
+
+    async fn stop(&self, ctx: &OpCtx) -> Result<(), DriverError> {
+        let _op = self.op.lock().await;
+        let started = Instant::now();
+        let deadline = started + ctx.timeout;
+        // Scanning and killing end at `work`; the last unmount attempt may
+        // run until `last_try`; the rest is for the scan that names the
+        // holders when the mount stays busy.
+        let reserve = (ctx.timeout / 5).min(RESERVE);
+        let work = deadline - reserve;
+        let last_try = deadline - reserve / 2;
+        let ident = self.ident(left(work).min(BLKID_TIMEOUT)).await;
+        let mp = self.mountpoint();
+        let mut killed = HashSet::new();
+        let mut last = None;
+        loop {
+            let entries = read_mountinfo().map_err(|e| self.failed("stop", e))?;
+            let mount = match mount_state(&entries, &mp, &ident) {
+                MountState::Mounted(m) => m,
+                MountState::NotMounted => return Ok(()),
+                MountState::Other {
+                    top,
+                    ours_beneath: false,
+                } => {
+                    tracing::debug!(
+                        "{}: {mp} holds {} from {}, not ours",
+                        self.resource,
+                        top.fstype,
+                        top.source
+                    );
+                    return Ok(());
+                }
+                MountState::Other {
+                    top,
+                    ours_beneath: true,
+                } => {
+                    return Err(self.failed(
+                        "stop",
+                        format!(
+                            "{} is mounted at {mp} but covered by another filesystem ({} from {}) mounted on top of it; unmount that first",
+                            ident.describe(),
+                            top.fstype,
+                            top.source
+                        ),
+                    ));
+                }
+                MountState::Elsewhere(es) => {
+                    let places: Vec<&str> = es.iter().map(|e| e.mountpoint.as_str()).collect();
+                    tracing::warn!(
+                        "{}: {} is not mounted at {mp} but at {}: not ours, left alone",
+                        self.resource,
+                        ident.describe(),
+                        places.join(", ")
+                    );
+                    return Ok(());
+                }
+            };
+            if Instant::now() >= work {
+                return Err(self.busy_error(&mount, &killed, started, deadline, last).await);
+            }
+            let scan = {
+                let m = mount.clone();
+                run_blocking("us-fs-scan", left(work), move || find_holders(&m)).await
+            };
+            match scan {
+                Ok(holders) => self.evict(&holders, &mut killed, work).await,
+                Err(e) => tracing::warn!("{}: the scan for processes holding {mp} {e}", self.resource),
+            }
+            match self.umount_once(&mp, left(last_try)).await {
+                Ok(Ok(())) => {
+                    tracing::info!("{}: unmounted {mp}", self.resource);
+                }
+                Ok(Err(e @ (Errno::EBUSY | Errno::EINVAL))) => {
+                    // Busy, or (EINVAL) no longer a mount point: look again.
+                    last = Some(e.to_string());
+                    tokio::time::sleep(UMOUNT_RETRY.min(left(work))).await;
+                }
+                Ok(Err(e)) => return Err(self.failed("stop", format!("umount2({mp}) failed: {e}"))),
+                Err(e) => {
+                    return Err(self.failed(
+                        "stop",
+                        format!("unmounting {mp} {e} (is the disk hung?); not unmounting it lazily"),
+                    ));
+                }
+            }
+        }
     }
-    async fn monitor(&self, _ctx: &OpCtx) -> Health {
-        Health::Failed(format!("{}: kind `fs` is not supported yet", self.resource))
+
+    async fn monitor(&self, ctx: &OpCtx) -> Health {
+        let started = Instant::now();
+        let deadline = started + ctx.timeout;
+        if let Some(since) = *lock(&self.probe_busy) {
+            return Health::Failed(format!(
+                "an earlier I/O probe of {} is still stuck after {:?}: the disk may be hung",
+                self.spec.mountpoint,
+                since.elapsed()
+            ));
+        }
+        let ident = self.ident(left(deadline)).await;
+        let spec_mp = self.spec.mountpoint.clone();
+        let want_rw = !self.readonly();
+        *lock(&self.probe_busy) = Some(started);
+        let slot = ClearOnDrop(Arc::clone(&self.probe_busy));
+        let check = move || {
+            let _slot = slot;
+            let mp = mountpoint_key(&spec_mp);
+            let entries = match read_mountinfo() {
+                Ok(e) => e,
+                Err(e) => return Health::Failed(e),
+            };
+            match mount_state(&entries, &mp, &ident) {
+                MountState::Mounted(m) => {
+                    if want_rw && m.read_only() {
+                        return Health::Failed(format!(
+                            "{} at {mp} has been remounted read-only (filesystem errors?)",
+                            ident.describe()
+                        ));
+                    }
+                    match io_probe(Path::new(&mp), m.read_only()) {
+                        Ok(()) => Health::Running,
+                        Err(e) => Health::Failed(e),
+                    }
+                }
+                MountState::NotMounted => {
+                    Health::Failed(format!("{} is not mounted at {mp} any more", ident.describe()))
+                }
+                MountState::Other { top, .. } => Health::Failed(format!(
+                    "{mp} now holds another filesystem ({} from {}) instead of {}",
+                    top.fstype,
+                    top.source,
+                    ident.describe()
+                )),
+                MountState::Elsewhere(es) => Health::Failed(format!(
+                    "{} is not mounted at {mp} any more (it is mounted at {})",
+                    ident.describe(),
+                    es.iter().map(|e| e.mountpoint.as_str()).collect::<Vec<_>>().join(", ")
+                )),
+            }
+        };
+        let budget = left(deadline);
+        match run_blocking("us-fs-probe", budget, check).await {
+            Ok(h) => h,
+            Err(BlockingError::TimedOut(_)) => Health::Failed(format!(
+                "I/O probe timed out after {:?} ({}): the disk may be hung",
+                ctx.timeout, self.spec.mountpoint
+            )),
+            Err(e) => Health::Failed(format!("the I/O probe of {} {e}", self.spec.mountpoint)),
+        }
     }
-    async fn probe(&self, _ctx: &OpCtx) -> Health {
-        Health::Stopped
+
+    async fn probe(&self, ctx: &OpCtx) -> Health {
+        let ident = self.ident(ctx.timeout.min(BLKID_TIMEOUT)).await;
+        let mp = self.mountpoint();
+        match read_mountinfo().map(|e| mount_state(&e, &mp, &ident)) {
+            Ok(MountState::Mounted(_)) => Health::Running,
+            Ok(MountState::Elsewhere(es)) => {
+                tracing::warn!(
+                    "{}: {} is mounted at {}, not at {mp}",
+                    self.resource,
+                    ident.describe(),
+                    es.iter().map(|e| e.mountpoint.as_str()).collect::<Vec<_>>().join(", ")
+                );
+                Health::Stopped
+            }
+            Ok(_) => Health::Stopped,
+            Err(e) => Health::Failed(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn entry(line: &str) -> MountEntry {
+        parse_mountinfo_line(line).unwrap()
+    }
+
+    #[test]
+    fn parses_mountinfo_lines() {
+        let e = entry("36 35 98:0 /mnt1 /mnt/par\\040ent rw,noatime master:1 - ext3 /dev/root rw,errors=continue");
+        assert_eq!(e.id, 36);
+        assert_eq!(e.parent, 35);
+        assert_eq!(e.dev, makedev(98, 0));
+        assert_eq!(e.mountpoint, "/mnt/par ent");
+        assert_eq!(e.fstype, "ext3");
+        assert_eq!(e.source, "/dev/root");
+        assert!(!e.read_only());
+        let ro = entry("40 1 7:3 / /srv/x ro,relatime shared:5 - ext4 /dev/loop3 ro");
+        assert!(ro.read_only());
+        assert_eq!(unescape("a\\134b\\011"), "a\\b\t");
+        assert_eq!(unescape("trailing\\04"), "trailing\\04");
+        assert!(parse_mountinfo_line("garbage").is_none());
+    }
+
+    #[test]
+    fn classifies_the_mount_table() {
+        let ours = Device {
+            path: PathBuf::from("/dev/loop3"),
+            rdev: makedev(7, 3),
+        };
+        let id = Ident::Device(ours);
+        let root = "1 0 253:0 / / rw - ext4 /dev/vda rw";
+        let at = "40 1 7:3 / /srv/x rw - ext4 /dev/loop3 rw";
+        let other = "41 1 0:50 / /srv/x rw - tmpfs tmpfs rw";
+        let on_top = "42 40 0:51 / /srv/x rw - tmpfs tmpfs rw";
+        let elsewhere = "43 1 7:3 / /srv/y rw - ext4 /dev/loop3 rw";
+        let t = |lines: &[&str]| parse_mountinfo(&lines.join("\n"));
+        assert!(matches!(mount_state(&t(&[root, at]), "/srv/x", &id), MountState::Mounted(e) if e.id == 40));
+        assert_eq!(mount_state(&t(&[root]), "/srv/x", &id), MountState::NotMounted);
+        assert!(matches!(
+            mount_state(&t(&[root, other]), "/srv/x", &id),
+            MountState::Other {
+                ours_beneath: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            mount_state(&t(&[root, at, on_top]), "/srv/x", &id),
+            MountState::Other { ours_beneath: true, .. }
+        ));
+        assert!(matches!(mount_state(&t(&[root, elsewhere]), "/srv/x", &id), MountState::Elsewhere(v) if v.len() == 1));
+        let by_type = Ident::FsType("ext4".into());
+        assert!(matches!(
+            mount_state(&t(&[root, at]), "/srv/x", &by_type),
+            MountState::Mounted(_)
+        ));
+        assert_eq!(
+            mount_state(&t(&[root, elsewhere]), "/srv/x", &by_type),
+            MountState::NotMounted
+        );
+    }
+
+    #[test]
+    fn translates_mount_options() {
+        let opts = |v: &[&str]| mount_options(&v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
+        let (f, d) = opts(&[
+            "ro",
+            "noatime",
+            "nodev",
+            "nosuid",
+            "noexec",
+            "errors=remount-ro",
+            "defaults",
+            "_netdev",
+            "x-systemd.automount",
+            "data=ordered",
+        ]);
+        assert_eq!(
+            f,
+            MsFlags::MS_RDONLY | MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC
+        );
+        assert_eq!(d, "errors=remount-ro,data=ordered");
+        let (f, d) = opts(&["ro", "rw", "sync"]);
+        assert_eq!(f, MsFlags::MS_SYNCHRONOUS);
+        assert_eq!(d, "");
+    }
+
+    #[test]
+    fn fsck_exit_codes() {
+        assert_eq!(fsck_verdict(0), FsckVerdict::Clean);
+        assert_eq!(fsck_verdict(1), FsckVerdict::Fixed);
+        assert_eq!(fsck_verdict(2), FsckVerdict::RebootAdvised);
+        assert_eq!(fsck_verdict(3), FsckVerdict::RebootAdvised);
+        for c in [4, 5, 8, 12, 16, 32, 128] {
+            assert_eq!(fsck_verdict(c), FsckVerdict::Refuse, "{c}");
+        }
+        assert_eq!(fsck_meaning(0), "no errors");
+        assert_eq!(fsck_meaning(12), "errors left uncorrected, operational error");
+    }
+
+    #[test]
+    fn marker_round_trip() {
+        let m = Marker {
+            token: 42,
+            node: "node1".into(),
+            group: "g".into(),
+            resource: "shared".into(),
+            time: "2025-01-01T12:00:00Z".into(),
+        };
+        assert_eq!(Marker::parse(&m.render()).unwrap(), m);
+        assert!(Marker::parse("# nothing\nnode=x\n").is_err());
+        assert!(Marker::parse("token=abc\n").is_err());
+        assert!(Marker::parse("token 5\n").is_err());
+        assert_eq!(Marker::parse("token=7\nfuture=1\n").unwrap().token, 7);
+    }
+
+    #[test]
+    fn paths() {
+        assert!(under("/srv/x", "/srv/x"));
+        assert!(under("/srv/x/a", "/srv/x"));
+        assert!(!under("/srv/xy", "/srv/x"));
+        assert!(!under("/srv", "/srv/x"));
+        assert_eq!(
+            mountpoint_key("/nonexistent-understudy/a/../b/"),
+            "/nonexistent-understudy/b"
+        );
+        assert_eq!(parse_hex_dev("fd:01"), Some(makedev(0xfd, 1)));
+        assert_eq!(link_path(Path::new("/a/b (deleted)")), "/a/b");
+    }
+
+    /// A closure that blocks (like a syscall on a hung disk) is abandoned
+    /// after the timeout, without blocking the runtime; it finishes later.
+    #[tokio::test]
+    async fn blocking_calls_time_out_without_waiting() {
+        let (release, blocked) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t0 = Instant::now();
+        let r = run_blocking("us-fs-test", Duration::from_millis(100), move || {
+            let _ = blocked.recv();
+            let _ = done_tx.send(());
+            7
+        })
+        .await;
+        assert!(matches!(r, Err(BlockingError::TimedOut(_))), "{r:?}");
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        release.send(()).unwrap();
+        done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let ok = run_blocking("us-fs-test", Duration::from_secs(5), || 7).await;
+        assert_eq!(ok.unwrap(), 7);
+        let lost = run_blocking("us-fs-test", Duration::from_secs(5), || -> i32 { panic!("boom") }).await;
+        assert!(matches!(lost, Err(BlockingError::Lost)));
     }
 }
