@@ -13,67 +13,13 @@ use std::path::Path;
 use understudy_core::spec::{ClusterSpec, Role};
 use understudy_core::{NodeState, Observed, Plan, Time, plan};
 
+mod common;
+
+use common::seed::{
+    DPM_SERVICES, ESMPRO_START, ESMPRO_STOP, HPUX_START, HPUX_STOP, PVM_START, PVM_STOP, SYSMON_START, SYSMON_STOP,
+};
+
 const PROFILE: &str = "../../profiles/sigmasystemcenter-2.1/cluster.toml";
-
-/// §2.2.6 (start order of ESMPRO/ServerManager).
-const ESMPRO_START: [&str; 8] = [
-    "ESM Base Service",
-    "ESM Alert Service",
-    "Alert Manager Socket(R) Service",
-    "Dmi Event Watcher",
-    "ESM Command Service",
-    "ESM Remote Map Service",
-    "ESMPRO/SM Trap Redirection",
-    "ESMPRO/SM Base Service",
-];
-
-/// §2.2.7 (stop order of ESMPRO/ServerManager).
-const ESMPRO_STOP: [&str; 8] = [
-    "ESMPRO/SM Base Service",
-    "ESMPRO/SM Trap Redirection",
-    "ESM Remote Map Service",
-    "ESM Command Service",
-    "Dmi Event Watcher",
-    "Alert Manager Socket(R) Service",
-    "ESM Alert Service",
-    "ESM Base Service",
-];
-
-/// §2.3.1 / §2.3.4 / §2.3.5 (the 12 DeploymentManager services).
-const DPM_SERVICES: [&str; 12] = [
-    "DeploymentManager API Service",
-    "DeploymentManager Backup/Restore Management",
-    "DeploymentManager Client Management",
-    "DeploymentManager client start",
-    "DeploymentManager Control Service",
-    "DeploymentManager Get Client Information",
-    "DeploymentManager PXE Management",
-    "DeploymentManager PXE Mtftp",
-    "DeploymentManager Remote Update Service",
-    "DeploymentManager Scenario Management",
-    "DeploymentManager Schedule Management",
-    "DeploymentManager Transfer Management",
-];
-
-/// §2.4.5 and §2.4.6.
-const HPUX_START: [&str; 3] = [
-    "DeploymentManager (HP-UX)",
-    "DeploymentManager (HP-UX) Constructor",
-    "DeploymentManager (HP-UX) Watcher",
-];
-const HPUX_STOP: [&str; 3] = [
-    "DeploymentManager (HP-UX) Watcher",
-    "DeploymentManager (HP-UX) Constructor",
-    "DeploymentManager (HP-UX)",
-];
-
-/// §2.5.5 / §2.5.6: the database is SystemProvisioning's SSCCMDB instance.
-const PVM_START: [&str; 2] = ["SQL Server (SSCCMDB)", "PVMService"];
-const PVM_STOP: [&str; 2] = ["PVMService", "SQL Server (SSCCMDB)"];
-
-/// §2.6.5 / §2.6.6: same instance.
-const SYSMON_START: [&str; 2] = ["SQL Server (SSCCMDB)", "System Monitor Performance Monitoring Service"];
-const SYSMON_STOP: [&str; 2] = ["System Monitor Performance Monitoring Service", "SQL Server (SSCCMDB)"];
 
 fn profile_text() -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(PROFILE)).expect("profile exists")

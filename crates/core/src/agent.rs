@@ -390,6 +390,10 @@ pub struct Agent {
     /// Failures this node recorded that the view does not show yet.
     local_failures: Vec<(String, Failure)>,
     shutting_down: bool,
+    /// End of the join window: until then this agent does not take a group
+    /// a more preferred node may be about to take (a cluster started all at
+    /// once places groups on their preferred nodes).
+    join_until: Option<Time>,
     leaving_sent: bool,
     exited: bool,
     retry_at: Option<Time>,
@@ -446,6 +450,7 @@ impl Agent {
             res,
             local_failures: Vec::new(),
             shutting_down: false,
+            join_until: None,
             leaving_sent: false,
             exited: false,
             retry_at: None,
@@ -577,6 +582,9 @@ impl Agent {
         match event {
             Event::Tick => {}
             Event::SessionOpened { lease, sent_at } => {
+                if self.join_until.is_none() {
+                    self.join_until = Some(now.mono + self.lease_ttl);
+                }
                 let deadline = self.deadline_from(sent_at);
                 self.session = Session::Open {
                     lease,
@@ -1346,7 +1354,23 @@ impl Agent {
                 return;
             }
             let nobody = self.view.as_ref().is_some_and(|v| !v.owners.contains_key(name));
+            // Join window: a more preferred node that has not registered yet
+            // may be starting right now; give it until the window ends.
+            let waiting_for_peer = self.join_until.is_some_and(|end| now.mono < end)
+                && self.spec.groups.iter().find(|x| x.name == name).is_some_and(|spec| {
+                    spec.nodes
+                        .iter()
+                        .take_while(|n| **n != self.node)
+                        .any(|n| self.view.as_ref().is_some_and(|v| !v.nodes.contains_key(n)))
+                });
+            if waiting_for_peer
+                && target_me
+                && let (Some(end), Some(g)) = (self.join_until, self.groups.get_mut(name))
+            {
+                g.retry_at = Some(g.retry_at.map_or(end, |t| t.max(end)));
+            }
             if target_me
+                && !waiting_for_peer
                 && nobody
                 && !frozen
                 && g.held.is_none()

@@ -19,7 +19,8 @@
 //!   joined before the address is added). Then the address is added over
 //!   netlink (IPv6 with `nodad`: the probe was the duplicate address
 //!   detection, and the address is usable at once), and announced
-//!   `announce_count` times 100 ms apart before start returns: gratuitous ARP (a request and a reply, both broadcast, sender = target =
+//!   `announce_count` times 100 ms apart — the first before start returns,
+//!   the others from a background task: gratuitous ARP (a request and a reply, both broadcast, sender = target =
 //!   the address) or an unsolicited neighbour advertisement to all nodes
 //!   (override flag, target link-layer address option). With
 //!   `announce_repeat_after` > 0, a second burst follows after that delay
@@ -272,28 +273,45 @@ impl IpDriver {
         if let Some(wire) = wire
             && count > 0
         {
-            announce_on(wire, link.index, count)
+            // The first announcement goes out before start returns (neighbours
+            // learn the new MAC at once); the rest of the burst and the second
+            // burst follow from a task, so they do not delay the group.
+            announce_on(wire, link.index, 1)
                 .await
                 .map_err(|e| format!("cannot announce {ip} on {}: {e}", link.name))?;
-            let after = self.spec.announce_repeat_after;
-            if !after.is_zero() {
-                self.spawn_repeat(ip, link.index, count, after);
-            }
+            self.spawn_followups(ip, link.index, count, self.spec.announce_repeat_after);
         }
         Ok(())
     }
 
-    /// Sends the second burst from a task of its own after `after`.
-    fn spawn_repeat(&self, ip: IpAddr, index: u32, count: u32, after: Duration) {
+    /// From a task of its own: the rest of the first burst (`count - 1`
+    /// rounds, starting one interval after the first), then, if `after` is
+    /// not zero, a second burst of `count` rounds `after` the first.
+    fn spawn_followups(&self, ip: IpAddr, index: u32, count: u32, after: Duration) {
+        let rest = count.saturating_sub(1);
+        if rest == 0 && after.is_zero() {
+            return;
+        }
         let resource = self.resource.clone();
-        let bound = ANNOUNCE_INTERVAL.saturating_mul(count).saturating_add(REPEAT_SLACK);
         let task = tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            match tokio::time::timeout(bound, repeat_burst(ip, index, count)).await {
-                Ok(Ok(true)) => tracing::debug!("{resource}: announced {ip} again"),
-                Ok(Ok(false)) => tracing::debug!("{resource}: {ip} is gone; not announcing it again"),
-                Ok(Err(e)) => tracing::warn!("{resource}: second announcement of {ip}: {e}"),
-                Err(_) => tracing::warn!("{resource}: second announcement of {ip} timed out after {bound:?}"),
+            let started = tokio::time::Instant::now();
+            for (label, wait, rounds) in [("first", ANNOUNCE_INTERVAL, rest), ("second", after, count)] {
+                if rounds == 0 || wait.is_zero() {
+                    continue;
+                }
+                tokio::time::sleep_until(started + wait).await;
+                let bound = ANNOUNCE_INTERVAL.saturating_mul(rounds).saturating_add(REPEAT_SLACK);
+                match tokio::time::timeout(bound, repeat_burst(ip, index, rounds)).await {
+                    Ok(Ok(true)) => tracing::debug!("{resource}: {label} burst of announcements of {ip} sent"),
+                    Ok(Ok(false)) => {
+                        tracing::debug!("{resource}: {ip} is gone; not announcing it again");
+                        return;
+                    }
+                    Ok(Err(e)) => tracing::warn!("{resource}: {label} burst of announcements of {ip}: {e}"),
+                    Err(_) => {
+                        tracing::warn!("{resource}: {label} burst of announcements of {ip} timed out after {bound:?}")
+                    }
+                }
             }
         });
         if let Some(old) = lock(&self.repeat).replace(task.abort_handle()) {

@@ -800,8 +800,15 @@ fn a_group_placed_where_its_clone_was_given_up_fails_over() {
     let out = h.step(ok("ajp", Op::Stop));
     assert_eq!(stops(&out), [("tomcat".to_string(), false)]);
     h.step(ok("tomcat", Op::Stop));
-    // node1 is gone; the group comes here.
+    // node1 is gone; the group comes here once node2's join window (one
+    // lease TTL after its session opened) is over.
     let out = h.step(Event::View(view(20, &["node2"], &[])));
+    assert!(!out.iter().any(|a| matches!(a, Action::Campaign { .. })), "{out:?}");
+    h.step(Event::Renewed {
+        lease: 3,
+        sent_at: Time(h.mono),
+    });
+    let out = h.advance(1_000);
     assert!(out.contains(&Action::Campaign {
         group: "mgmt".into(),
         lease: 3
@@ -1258,5 +1265,37 @@ fn a_lost_campaign_is_not_repeated_at_once_against_a_stale_view() {
     assert!(
         out.iter().any(|a| matches!(a, Action::Campaign { .. })),
         "retried after the backoff: {out:?}"
+    );
+}
+
+#[test]
+fn at_start_up_a_group_waits_for_its_preferred_node_to_join() {
+    // node2 comes up first and sees no node1: within its join window (one
+    // lease TTL) it leaves the group to node1, which may be starting too.
+    let mut h = Harness::new(spec(), "node2");
+    let out = h.boot(5, &["node2"], &[]);
+    assert!(!out.iter().any(|a| matches!(a, Action::Campaign { .. })), "{out:?}");
+    // node1 joins and takes it: node2 never campaigns.
+    let out = h.step(Event::View(view(11, &["node1", "node2"], &[("mgmt", "node1", 11)])));
+    assert!(!out.iter().any(|a| matches!(a, Action::Campaign { .. })));
+
+    // If node1 never comes, node2 takes the group when the window ends.
+    let mut h = Harness::new(spec(), "node2");
+    h.boot(5, &["node2"], &[]);
+    for _ in 0..3 {
+        let out = h.advance(500);
+        assert!(!out.iter().any(|a| matches!(a, Action::Campaign { .. })), "{out:?}");
+        h.step(Event::Renewed {
+            lease: 5,
+            sent_at: Time(h.mono),
+        });
+    }
+    let out = h.advance(500);
+    assert!(
+        out.contains(&Action::Campaign {
+            group: "mgmt".into(),
+            lease: 5
+        }),
+        "{out:?}"
     );
 }
