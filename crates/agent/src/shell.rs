@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
-use understudy_coord::{Compare, CoordError, Coordinator, KeyValue, WatchEvent};
+use understudy_coord::{Compare, CoordError, Coordinator, KeyValue};
 use understudy_core::ClusterSpec;
 use understudy_core::agent::{Action, Agent, Entry, Event, GroupAdmin, Health, NodeRecord, Op};
 use understudy_core::observed::Failure;
@@ -755,17 +755,7 @@ async fn watch_loop(
                         while let Some(batch) = stream.recv().await {
                             match batch {
                                 Ok(events) => {
-                                    for e in events {
-                                        revision = revision.max(e.revision());
-                                        match e {
-                                            WatchEvent::Put(kv) => {
-                                                map.insert(kv.key.clone(), kv);
-                                            }
-                                            WatchEvent::Delete { key, .. } => {
-                                                map.remove(&key);
-                                            }
-                                        }
-                                    }
+                                    revision = understudy_coord::apply_events(&mut map, revision, events);
                                     send_view(&keys, &map, revision, &tx, &mut last_sent);
                                     repair_registration(&*coord, &keys, &node, &registration, &map).await;
                                 }

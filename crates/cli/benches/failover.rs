@@ -13,7 +13,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::{NODES, TestCluster, WEB};
 use nix::sys::signal::Signal;
@@ -21,10 +21,6 @@ use understudy_core::agent::EntryKind;
 
 const RUNS: usize = 20;
 const WAIT: Duration = Duration::from_secs(30);
-
-fn wall_ms() -> u64 {
-    u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()).unwrap()
-}
 
 fn bench_definition(ttl_ms: u64, monitor_ms: u64) -> String {
     common::definition(ttl_ms)
@@ -39,19 +35,6 @@ fn bench_definition(ttl_ms: u64, monitor_ms: u64) -> String {
             r#"failover = { threshold = 5, within = "10m" }"#,
             r#"failover = { threshold = 1000, within = "1s" }"#,
         )
-}
-
-fn percentiles(name: &str, mut v: Vec<u64>) {
-    v.sort_unstable();
-    let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
-    println!(
-        "{name:48} n={:2}  min {:5} ms  p50 {:5} ms  p99 {:5} ms  max {:5} ms",
-        v.len(),
-        v[0],
-        p(0.5),
-        p(0.99),
-        v[v.len() - 1]
-    );
 }
 
 /// The wall time of `node`'s first "group running" entry for web after `after`.
@@ -76,7 +59,7 @@ async fn crash_failovers(ttl_ms: u64) -> Vec<u64> {
             })
             .await;
         let owner = snap.owner("web").unwrap().to_string();
-        let t0 = wall_ms();
+        let t0 = common::wall_ms();
         c.agents.signal(&owner, Signal::SIGKILL).unwrap();
         let snap = c
             .wait_for("web running elsewhere", WAIT, |s| {
@@ -107,7 +90,7 @@ async fn monitor_failovers() -> (Vec<u64>, Vec<u64>, Vec<u64>) {
         // Let the previous run's failure age out of the 1 s window.
         tokio::time::sleep(Duration::from_millis(1_100)).await;
         let pid = c.pid_of(&owner, "frontend").unwrap();
-        let t0 = wall_ms();
+        let t0 = common::wall_ms();
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
         let snap = c
             .wait_for("web running elsewhere", WAIT, |s| {
@@ -145,9 +128,9 @@ fn main() {
         let crash = crash_failovers(2_000).await;
         let (total, detect, handover) = monitor_failovers().await;
         println!();
-        percentiles("crash failover, TTL 2s (kill -9 → running)", crash);
-        percentiles("monitor failover, 100ms interval (kill → running)", total);
-        percentiles("  detection (kill → monitor failure)", detect);
-        percentiles("  handover (detection → running elsewhere)", handover);
+        common::summary("crash failover, TTL 2s (kill -9 → running)", crash);
+        common::summary("monitor failover, 100ms interval (kill → running)", total);
+        common::summary("  detection (kill → monitor failure)", detect);
+        common::summary("  handover (detection → running elsewhere)", handover);
     });
 }

@@ -11,7 +11,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::bed::{TTL_MS, run, world};
 use common::{NODES, WEB};
@@ -20,10 +20,6 @@ use understudy_core::agent::EntryKind;
 
 const RUNS: usize = 20;
 const WAIT: Duration = Duration::from_secs(30);
-
-fn wall_ms() -> u64 {
-    u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()).unwrap()
-}
 
 fn main() {
     let w = world("bench");
@@ -37,7 +33,7 @@ fn main() {
                 })
                 .await;
             let owner = snap.owner("web").unwrap().to_string();
-            let t0 = wall_ms();
+            let t0 = common::wall_ms();
             c.agents.signal(&owner, Signal::SIGKILL).unwrap();
             let snap = c
                 .wait_for("web running elsewhere", WAIT, |s| {
@@ -59,14 +55,8 @@ fn main() {
             c.agents.start(&owner).unwrap();
         }
     });
-    times.sort_unstable();
-    let p = |q: f64| times[((times.len() as f64 - 1.0) * q).round() as usize];
-    println!(
-        "crash failover on the bed (etcd, 3 members; TTL {TTL_MS} ms): n={}  min {} ms  p50 {} ms  p99 {} ms  max {} ms",
-        times.len(),
-        times[0],
-        p(0.5),
-        p(0.99),
-        times[times.len() - 1]
+    common::summary(
+        &format!("crash failover on the bed (etcd, 3 members; TTL {TTL_MS} ms)"),
+        times,
     );
 }

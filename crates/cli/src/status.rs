@@ -9,7 +9,7 @@ use anyhow::Result;
 use serde::Serialize;
 use serde_json::Value;
 use understudy_agent::keys::{KeyKind, build_view};
-use understudy_coord::{KeyValue, WatchEvent};
+use understudy_coord::KeyValue;
 use understudy_core::agent::ClusterView;
 use understudy_core::spec::Role;
 use understudy_core::{Observed, plan};
@@ -313,13 +313,7 @@ pub async fn run(cluster: &Cluster, json: bool, watch: bool) -> Result<()> {
                 batch = stream.recv() => {
                     let Some(batch) = batch else { break };
                     let Ok(events) = batch else { break };
-                    for e in events {
-                        revision = revision.max(e.revision());
-                        match e {
-                            WatchEvent::Put(kv) => { kvs.insert(kv.key.clone(), kv); }
-                            WatchEvent::Delete { key, .. } => { kvs.remove(&key); }
-                        }
-                    }
+                    revision = understudy_coord::apply_events(&mut kvs, revision, events);
                     show(&kvs, revision)?;
                 }
                 // Failure windows age with time: refresh even when nothing changes.

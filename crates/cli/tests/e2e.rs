@@ -13,14 +13,12 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use common::TestCluster;
-use common::dbbed::{WAIT, db_running, db_world, definition, node_command, start_writer};
-use common::shared::{MountWatch, init_postgres, postgres_dir};
+use common::dbbed::{WAIT, db_running, db_world, in_client, prepare_db, start_writer};
+use common::shared::MountWatch;
 use nix::sys::signal::Signal;
-use understudy_agent::Keys;
-use understudy_coord::etcd::{EtcdCoordinator, EtcdOptions};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -28,81 +26,55 @@ static SERIAL: Mutex<()> = Mutex::new(());
 fn a_crashed_database_owner_loses_no_acknowledged_commit() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let w = db_world("e2e");
-    let mountpoint = format!("/srv/understudy-e2e-{}", std::process::id());
-    let socket_dir = w.dir.path().join("sock");
-    postgres_dir(&socket_dir);
-    w.disk
-        .with_mounted(&w.dir.path().join("init"), |m| init_postgres(&m.join("pgdata"), true));
-    std::fs::create_dir_all(&mountpoint).unwrap();
-    let def = definition(&w, &mountpoint, &socket_dir.display().to_string());
-    let hosts = w.nodes.clone();
-    let endpoints = w.etcd.endpoints();
+    let (mountpoint, def) = prepare_db(&w, "e2e");
     let vip = w.vip;
     let watch = MountWatch::start(&w.disk.dev_id);
-    w.client
-        .enter(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let keys = Keys::new("/understudy", "db");
-                let coord = EtcdCoordinator::connect(EtcdOptions::new(endpoints, keys.journal_prefix().to_string()))
-                    .await
-                    .unwrap();
-                let mut c = TestCluster::with(
-                    TestCluster::prepare(&def),
-                    Arc::new(coord),
-                    keys,
-                    Some(node_command(hosts)),
-                );
-                c.agents.start("node1").unwrap();
-                c.agents.start("node2").unwrap();
-                let owner = db_running(
-                    &c.wait_for("the database running", WAIT, |s| db_running(s).is_some())
-                        .await,
-                )
-                .unwrap();
-
-                let writer = start_writer(vip);
-                writer.wait_for(100).await;
-                let before = writer.count();
-                c.agents.signal(&owner, Signal::SIGKILL).unwrap();
-                let snap = c
-                    .wait_for("the database running on the other node", WAIT, |s| {
-                        db_running(s).is_some_and(|n| n != owner)
-                    })
-                    .await;
-                let new_owner = snap.owner("db").unwrap().to_string();
-                writer.wait_for(before + 100).await;
-                let (acked, attempted) = writer.finish().await;
-
-                // Every acknowledged row is there, exactly once; nothing is duplicated.
-                let url = format!("host={vip} port=5432 user=postgres dbname=postgres connect_timeout=2");
-                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-                tokio::spawn(conn);
-                let rows = client.query("SELECT n FROM t ORDER BY n", &[]).await.unwrap();
-                let stored: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-                let unique: std::collections::BTreeSet<i64> = stored.iter().copied().collect();
-                assert_eq!(unique.len(), stored.len(), "duplicated rows");
-                let missing: Vec<i64> = acked.iter().copied().filter(|n| !unique.contains(n)).collect();
-                assert!(
-                    missing.is_empty(),
-                    "acknowledged rows lost in the failover: {missing:?}"
-                );
-                assert!(
-                    stored.iter().all(|n| *n >= 1 && *n <= attempted),
-                    "only rows the client wrote"
-                );
-                eprintln!(
-                    "{owner} -> {new_owner}: {} rows acknowledged, {} stored, {} attempts",
-                    acked.len(),
-                    stored.len(),
-                    attempted
-                );
-            });
-        })
+    in_client(&w, "db", TestCluster::prepare(&def), |mut c| async move {
+        c.agents.start("node1").unwrap();
+        c.agents.start("node2").unwrap();
+        let owner = db_running(
+            &c.wait_for("the database running", WAIT, |s| db_running(s).is_some())
+                .await,
+        )
         .unwrap();
+
+        let writer = start_writer(vip);
+        writer.wait_for(100).await;
+        let before = writer.count();
+        c.agents.signal(&owner, Signal::SIGKILL).unwrap();
+        let snap = c
+            .wait_for("the database running on the other node", WAIT, |s| {
+                db_running(s).is_some_and(|n| n != owner)
+            })
+            .await;
+        let new_owner = snap.owner("db").unwrap().to_string();
+        writer.wait_for(before + 100).await;
+        let (acked, attempted) = writer.finish().await;
+
+        // Every acknowledged row is there, exactly once; nothing is duplicated.
+        let url = format!("host={vip} port=5432 user=postgres dbname=postgres connect_timeout=2");
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let rows = client.query("SELECT n FROM t ORDER BY n", &[]).await.unwrap();
+        let stored: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        let unique: std::collections::BTreeSet<i64> = stored.iter().copied().collect();
+        assert_eq!(unique.len(), stored.len(), "duplicated rows");
+        let missing: Vec<i64> = acked.iter().copied().filter(|n| !unique.contains(n)).collect();
+        assert!(
+            missing.is_empty(),
+            "acknowledged rows lost in the failover: {missing:?}"
+        );
+        assert!(
+            stored.iter().all(|n| *n >= 1 && *n <= attempted),
+            "only rows the client wrote"
+        );
+        eprintln!(
+            "{owner} -> {new_owner}: {} rows acknowledged, {} stored, {} attempts",
+            acked.len(),
+            stored.len(),
+            attempted
+        );
+    });
     let (max, samples) = watch.finish();
     assert!(samples > 100, "the mount watcher ran ({samples} samples)");
     assert_eq!(

@@ -11,16 +11,15 @@
 mod common;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use common::dbbed::{WAIT, db_world, node_command};
+use common::Snapshot;
+use common::dbbed::{WAIT, db_world, in_client};
 use common::seed::{
     DPM_SERVICES, ESMPRO_START, ESMPRO_STOP, HPUX_START, HPUX_STOP, PVM_START, PVM_STOP, SYSMON_START, SYSMON_STOP,
 };
 use common::shared::{MountWatch, init_postgres};
-use common::{Snapshot, TestCluster};
-use understudy_agent::{JournalRecord, Keys};
-use understudy_coord::etcd::{EtcdCoordinator, EtcdOptions};
+use understudy_agent::JournalRecord;
 use understudy_core::ClusterSpec;
 use understudy_core::agent::EntryKind;
 use understudy_core::spec::Role;
@@ -138,74 +137,55 @@ fn the_management_server_moves_with_the_seed_orders() {
         .collect();
     assert_eq!(managed.len(), 33, "37 resources: 33 managed, 2 clones, 2 monitor-only");
     let config = root.join("cluster.toml");
-    let hosts = w.nodes.clone();
     let client = w.client.clone();
-    let endpoints = w.etcd.endpoints();
     let watch = MountWatch::start(&w.disk.dev_id);
-    w.client
-        .enter(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let keys = Keys::new("/understudy", "sigmasystemcenter");
-                let coord = EtcdCoordinator::connect(EtcdOptions::new(endpoints, keys.journal_prefix().to_string()))
-                    .await
-                    .unwrap();
-                let mut c = TestCluster::with(pdir, Arc::new(coord), keys, Some(node_command(hosts)));
-                c.agents.start("node1").unwrap();
-                c.agents.start("node2").unwrap();
-                let names: Vec<&str> = managed.iter().map(String::as_str).collect();
-                let running = |s: &Snapshot| s.running_on("ssc", &names);
-                c.wait_for("the management server running on node1", WAIT, |s| {
-                    running(s).as_deref() == Some("node1")
-                        && ["node1", "node2"]
-                            .iter()
-                            .all(|n| s.state(n, "tomcat") == Some("running"))
-                })
-                .await;
-
-                // An orderly move, as an operator does it.
-                let out = client
-                    .command(env!("CARGO_BIN_EXE_understudy"))
-                    .args(["move", "ssc", "--to", "node2", "--config"])
-                    .arg(&config)
-                    .output()
-                    .unwrap();
-                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-                c.wait_for("the management server running on node2", WAIT, |s| {
-                    running(s).as_deref() == Some("node2")
-                })
-                .await;
-
-                let journal = c.journal().await;
-                let stop = (EntryKind::Stopping, EntryKind::Stopped);
-                let start = (EntryKind::Starting, EntryKind::Started);
-                assert_table(&journal, &spec, "node1", &ESMPRO_STOP, stop, "§2.2.7");
-                assert_table(&journal, &spec, "node1", &HPUX_STOP, stop, "§2.4.6");
-                assert_table(&journal, &spec, "node1", &PVM_STOP, stop, "§2.5.6");
-                assert_table(&journal, &spec, "node1", &SYSMON_STOP, stop, "§2.6.6");
-                assert_table(&journal, &spec, "node2", &ESMPRO_START, start, "§2.2.6");
-                assert_table(&journal, &spec, "node2", &HPUX_START, start, "§2.4.5");
-                assert_table(&journal, &spec, "node2", &PVM_START, start, "§2.5.5");
-                assert_table(&journal, &spec, "node2", &SYSMON_START, start, "§2.6.5");
-                // §2.3.5: the 12 DeploymentManager services start only once the
-                // failover IP is up; §2.3.6: they are stopped before it goes.
-                let ip = name_of(&spec, "Failover IP");
-                for d in DPM_SERVICES {
-                    let r = name_of(&spec, d);
-                    assert!(
-                        pos(&journal, "node2", EntryKind::Started, ip) < pos(&journal, "node2", EntryKind::Starting, r)
-                    );
-                    assert!(
-                        pos(&journal, "node1", EntryKind::Stopped, r) < pos(&journal, "node1", EntryKind::Stopping, ip)
-                    );
-                }
-                assert_eq!(c.snapshot().await.owner("ssc"), Some("node2"));
-            });
+    in_client(&w, "sigmasystemcenter", pdir, |mut c| async move {
+        c.agents.start("node1").unwrap();
+        c.agents.start("node2").unwrap();
+        let names: Vec<&str> = managed.iter().map(String::as_str).collect();
+        let running = |s: &Snapshot| s.running_on("ssc", &names);
+        c.wait_for("the management server running on node1", WAIT, |s| {
+            running(s).as_deref() == Some("node1")
+                && ["node1", "node2"]
+                    .iter()
+                    .all(|n| s.state(n, "tomcat") == Some("running"))
         })
-        .unwrap();
+        .await;
+
+        // An orderly move, as an operator does it.
+        let out = client
+            .command(env!("CARGO_BIN_EXE_understudy"))
+            .args(["move", "ssc", "--to", "node2", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        c.wait_for("the management server running on node2", WAIT, |s| {
+            running(s).as_deref() == Some("node2")
+        })
+        .await;
+
+        let journal = c.journal().await;
+        let stop = (EntryKind::Stopping, EntryKind::Stopped);
+        let start = (EntryKind::Starting, EntryKind::Started);
+        assert_table(&journal, &spec, "node1", &ESMPRO_STOP, stop, "§2.2.7");
+        assert_table(&journal, &spec, "node1", &HPUX_STOP, stop, "§2.4.6");
+        assert_table(&journal, &spec, "node1", &PVM_STOP, stop, "§2.5.6");
+        assert_table(&journal, &spec, "node1", &SYSMON_STOP, stop, "§2.6.6");
+        assert_table(&journal, &spec, "node2", &ESMPRO_START, start, "§2.2.6");
+        assert_table(&journal, &spec, "node2", &HPUX_START, start, "§2.4.5");
+        assert_table(&journal, &spec, "node2", &PVM_START, start, "§2.5.5");
+        assert_table(&journal, &spec, "node2", &SYSMON_START, start, "§2.6.5");
+        // §2.3.5: the 12 DeploymentManager services start only once the
+        // failover IP is up; §2.3.6: they are stopped before it goes.
+        let ip = name_of(&spec, "Failover IP");
+        for d in DPM_SERVICES {
+            let r = name_of(&spec, d);
+            assert!(pos(&journal, "node2", EntryKind::Started, ip) < pos(&journal, "node2", EntryKind::Starting, r));
+            assert!(pos(&journal, "node1", EntryKind::Stopped, r) < pos(&journal, "node1", EntryKind::Stopping, ip));
+        }
+        assert_eq!(c.snapshot().await.owner("ssc"), Some("node2"));
+    });
     let (max, _) = watch.finish();
     assert_eq!(max, 1, "the shared disk was mounted on {max} nodes at once");
     let _ = std::fs::remove_dir(&mountpoint);

@@ -72,6 +72,28 @@ impl WatchEvent {
     }
 }
 
+/// Applies a batch of watch events to a local copy of the keys; returns the
+/// highest revision seen (at least `revision`).
+pub fn apply_events(
+    map: &mut std::collections::BTreeMap<String, KeyValue>,
+    revision: Revision,
+    events: Vec<WatchEvent>,
+) -> Revision {
+    let mut revision = revision;
+    for e in events {
+        revision = revision.max(e.revision());
+        match e {
+            WatchEvent::Put(kv) => {
+                map.insert(kv.key.clone(), kv);
+            }
+            WatchEvent::Delete { key, .. } => {
+                map.remove(&key);
+            }
+        }
+    }
+    revision
+}
+
 /// A condition on one key for [`Coordinator::put_if`] and [`Coordinator::delete_if`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compare {

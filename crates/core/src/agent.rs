@@ -30,7 +30,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::graph::{Catalog, GroupOrder};
-use crate::observed::{Failure, GroupState, NodeState, Observed};
+use crate::observed::{Failure, Observed};
 use crate::planner::{self, Plan};
 use crate::spec::{ClusterSpec, OnFail, ResourceSpec, Role};
 use crate::time::Time;
@@ -1159,59 +1159,27 @@ impl Agent {
 
     /// The planner's view of the cluster, as this node sees it.
     fn observed(&self) -> Observed {
-        let mut observed = Observed::default();
-        let Some(view) = &self.view else { return observed };
-        observed.maintenance = view.maintenance;
-        let session_open = matches!(self.session, Session::Open { .. });
-        for n in &self.spec.nodes {
-            let admin = view.node_admin.get(&n.name);
-            let registered = view.nodes.get(&n.name);
-            let alive = if n.name == self.node {
-                session_open || registered.is_some()
-            } else {
-                registered.is_some()
-            };
-            let leaving = if n.name == self.node {
-                self.shutting_down
-            } else {
-                registered.is_some_and(|r| r.leaving)
-            };
-            let state = if !alive {
-                NodeState::Down
-            } else if admin.is_some_and(|a| a.maintenance) {
-                NodeState::Maintenance
-            } else if leaving || admin.is_some_and(|a| a.standby) {
-                NodeState::Standby
-            } else {
-                NodeState::Up
-            };
-            observed.nodes.insert(n.name.clone(), state);
-        }
-        for g in &self.spec.groups {
-            let admin = view.group_admin.get(&g.name).cloned().unwrap_or_default();
-            let mut failures = view.failures.get(&g.name).cloned().unwrap_or_default();
-            failures.extend(
+        let Some(view) = &self.view else {
+            return Observed::default();
+        };
+        let mut observed = Observed::from_view(&self.spec, view);
+        // This node knows better than the view whether it is alive (its
+        // session) and leaving (its shutdown)...
+        let alive = matches!(self.session, Session::Open { .. }) || view.nodes.contains_key(&self.node);
+        let me = crate::observed::node_state(alive, self.shutting_down, view.node_admin.get(&self.node));
+        observed.nodes.insert(self.node.clone(), me);
+        for (name, g) in observed.groups.iter_mut() {
+            // ...which failures it recorded (before the view shows them)...
+            g.failures.extend(
                 self.local_failures
                     .iter()
-                    .filter(|(name, _)| name == &g.name)
+                    .filter(|(group, _)| group == name)
                     .map(|(_, f)| f.clone()),
             );
-            observed.groups.insert(
-                g.name.clone(),
-                GroupState {
-                    // A key this node holds is its own, even before a
-                    // (lagging) view shows it.
-                    owner: if self.groups.get(&g.name).is_some_and(|x| x.held.is_some()) {
-                        Some(self.node.clone())
-                    } else {
-                        view.owners.get(&g.name).map(|o| o.node.clone())
-                    },
-                    maintenance: admin.maintenance,
-                    stopped: admin.stopped,
-                    move_to: admin.move_to.clone(),
-                    failures,
-                },
-            );
+            // ...and which keys it holds (before a lagging view shows them).
+            if self.groups.get(name).is_some_and(|x| x.held.is_some()) {
+                g.owner = Some(self.node.clone());
+            }
         }
         observed
     }

@@ -104,13 +104,12 @@ impl Observed {
             ..Observed::default()
         };
         for n in &spec.nodes {
-            let admin = view.node_admin.get(&n.name);
-            let state = match view.nodes.get(&n.name) {
-                None => NodeState::Down,
-                Some(_) if admin.is_some_and(|a| a.maintenance) => NodeState::Maintenance,
-                Some(r) if r.leaving || admin.is_some_and(|a| a.standby) => NodeState::Standby,
-                Some(_) => NodeState::Up,
-            };
+            let registered = view.nodes.get(&n.name);
+            let state = node_state(
+                registered.is_some(),
+                registered.is_some_and(|r| r.leaving),
+                view.node_admin.get(&n.name),
+            );
             observed.nodes.insert(n.name.clone(), state);
         }
         for g in &spec.groups {
@@ -127,5 +126,18 @@ impl Observed {
             );
         }
         observed
+    }
+}
+
+/// A node's state from its liveness, whether it is leaving, and operator settings.
+pub fn node_state(alive: bool, leaving: bool, admin: Option<&crate::agent::NodeAdmin>) -> NodeState {
+    if !alive {
+        NodeState::Down
+    } else if admin.is_some_and(|a| a.maintenance) {
+        NodeState::Maintenance
+    } else if leaving || admin.is_some_and(|a| a.standby) {
+        NodeState::Standby
+    } else {
+        NodeState::Up
     }
 }

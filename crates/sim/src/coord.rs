@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use understudy_core::agent::{ClusterView, GroupAdmin, NodeAdmin, NodeRecord, OwnerRecord};
-use understudy_core::observed::{Failure, GroupState, NodeState, Observed};
+use understudy_core::observed::{Failure, Observed};
 use understudy_core::spec::ClusterSpec;
 
 /// A key of the model. Real shells spell these `nodes/<n>`, `owner/<g>`,
@@ -317,35 +317,7 @@ impl Coord {
     /// way an agent builds it from its view (registered nodes are alive;
     /// leaving or standby nodes are standby).
     pub fn observed(&self, spec: &ClusterSpec) -> Observed {
-        let view = self.view();
-        let mut observed = Observed {
-            maintenance: view.maintenance,
-            ..Observed::default()
-        };
-        for n in &spec.nodes {
-            let admin = view.node_admin.get(&n.name);
-            let state = match view.nodes.get(&n.name) {
-                None => NodeState::Down,
-                Some(_) if admin.is_some_and(|a| a.maintenance) => NodeState::Maintenance,
-                Some(r) if r.leaving || admin.is_some_and(|a| a.standby) => NodeState::Standby,
-                Some(_) => NodeState::Up,
-            };
-            observed.nodes.insert(n.name.clone(), state);
-        }
-        for g in &spec.groups {
-            let admin = view.group_admin.get(&g.name).cloned().unwrap_or_default();
-            observed.groups.insert(
-                g.name.clone(),
-                GroupState {
-                    owner: view.owners.get(&g.name).map(|o| o.node.clone()),
-                    maintenance: admin.maintenance,
-                    stopped: admin.stopped,
-                    move_to: admin.move_to,
-                    failures: view.failures.get(&g.name).cloned().unwrap_or_default(),
-                },
-            );
-        }
-        observed
+        Observed::from_view(spec, &self.view())
     }
 }
 

@@ -5,10 +5,6 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
-
-use understudy_agent::Keys;
-use understudy_coord::etcd::{EtcdCoordinator, EtcdOptions};
 use understudy_testbed::{Bed, EtcdCluster, Host};
 
 use super::{NODES, TestCluster};
@@ -91,32 +87,23 @@ pub fn run<F>(w: &World, body: impl FnOnce(TestCluster) -> F + Send)
 where
     F: std::future::Future<Output = ()>,
 {
-    let def = definition(&w.etcd, &w.nodes);
     let hosts: Vec<Host> = w.nodes.clone();
-    let endpoints = w.etcd.endpoints();
-    w.observer
-        .enter(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let keys = Keys::new("/understudy", "bed");
-                let coord = EtcdCoordinator::connect(EtcdOptions::new(endpoints, keys.journal_prefix().to_string()))
-                    .await
-                    .unwrap();
-                let dir = TestCluster::prepare(&def);
-                let factory: understudy_agent::local::CommandFactory =
-                    Box::new(move |node: &str, exe: &std::path::Path| {
-                        let i = NODES.iter().position(|n| *n == node).unwrap();
-                        hosts[i].command(exe)
-                    });
-                let mut c = TestCluster::with(dir, Arc::new(coord), keys, Some(factory));
-                c.start_all();
-                body(c).await;
-            });
-        })
-        .unwrap();
+    let factory: understudy_agent::local::CommandFactory = Box::new(move |node: &str, exe: &std::path::Path| {
+        let i = NODES.iter().position(|n| *n == node).unwrap();
+        hosts[i].command(exe)
+    });
+    let dir = TestCluster::prepare(&definition(&w.etcd, &w.nodes));
+    super::in_host(
+        &w.observer,
+        w.etcd.endpoints(),
+        "bed",
+        dir,
+        factory,
+        |mut c| async move {
+            c.start_all();
+            body(c).await;
+        },
+    );
 }
 
 /// The host of agent `node`.

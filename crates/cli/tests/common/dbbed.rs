@@ -182,3 +182,35 @@ impl Writer {
 pub fn db_running(s: &Snapshot) -> Option<String> {
     s.running_on("db", &DB)
 }
+
+/// Runs `body` inside the client host with agents for node1 and node2 (not
+/// started) in `dir`, on the bed's etcd, under cluster name `name`.
+pub fn in_client<F, Fut>(w: &DbWorld, name: &str, dir: tempfile::TempDir, body: F)
+where
+    F: FnOnce(super::TestCluster) -> Fut + Send,
+    Fut: std::future::Future<Output = ()>,
+{
+    super::in_host(
+        &w.client,
+        w.etcd.endpoints(),
+        name,
+        dir,
+        node_command(w.nodes.clone()),
+        body,
+    );
+}
+
+/// Initialises PostgreSQL (with table `t`) on the shared disk, creates the
+/// mount point and a socket directory; returns the mount point and the
+/// cluster definition.
+pub fn prepare_db(w: &DbWorld, hint: &str) -> (String, String) {
+    let mountpoint = format!("/srv/understudy-{hint}-{}", std::process::id());
+    let socket_dir = w.dir.path().join("sock");
+    super::shared::postgres_dir(&socket_dir);
+    w.disk.with_mounted(&w.dir.path().join("init"), |m| {
+        super::shared::init_postgres(&m.join("pgdata"), true)
+    });
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let def = definition(w, &mountpoint, &socket_dir.display().to_string());
+    (mountpoint, def)
+}

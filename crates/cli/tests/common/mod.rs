@@ -18,7 +18,7 @@ use understudy_agent::JournalRecord;
 use understudy_agent::keys::{KeyKind, Keys, build_view};
 use understudy_agent::local::LocalCluster;
 use understudy_coord::sqlite::SqliteCoordinator;
-use understudy_coord::{Coordinator, KeyValue, WatchEvent};
+use understudy_coord::{Coordinator, KeyValue};
 use understudy_core::agent::{ClusterView, EntryKind};
 
 pub const STANDIN: &str = include_str!("../../../../profiles/sigmasystemcenter-2.1/bin/standin");
@@ -90,6 +90,36 @@ pub struct TestCluster {
 }
 
 pub const NODES: [&str; 3] = ["node1", "node2", "node3"];
+
+/// Runs `body` on a current-thread runtime inside `host` (so it reaches the
+/// bed's addresses), with a cluster of agents (started through `command`)
+/// in `dir`, on the etcd at `endpoints`, under cluster name `name`.
+pub fn in_host<F, Fut>(
+    host: &understudy_testbed::Host,
+    endpoints: Vec<String>,
+    name: &str,
+    dir: tempfile::TempDir,
+    command: understudy_agent::local::CommandFactory,
+    body: F,
+) where
+    F: FnOnce(TestCluster) -> Fut + Send,
+    Fut: std::future::Future<Output = ()>,
+{
+    let name = name.to_string();
+    host.enter(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let keys = Keys::new("/understudy", &name);
+            let opts = understudy_coord::etcd::EtcdOptions::new(endpoints, keys.journal_prefix().to_string());
+            let coord = understudy_coord::etcd::EtcdCoordinator::connect(opts).await.unwrap();
+            body(TestCluster::with(dir, Arc::new(coord), keys, Some(command))).await;
+        });
+    })
+    .unwrap();
+}
 
 impl TestCluster {
     /// Writes `definition` and the stand-in script into a temp dir.
@@ -165,19 +195,7 @@ impl TestCluster {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, stream.recv()).await {
-                Ok(Some(Ok(events))) => {
-                    for e in events {
-                        revision = revision.max(e.revision());
-                        match e {
-                            WatchEvent::Put(kv) => {
-                                map.insert(kv.key.clone(), kv);
-                            }
-                            WatchEvent::Delete { key, .. } => {
-                                map.remove(&key);
-                            }
-                        }
-                    }
-                }
+                Ok(Some(Ok(events))) => revision = understudy_coord::apply_events(&mut map, revision, events),
                 Ok(other) => panic!("watch ended while waiting for {what}: {other:?}"),
                 Err(_) => panic!(
                     "timed out after {timeout:?} waiting for {what}\nowners: {:?}\nstatus: {:#?}\n{}",
@@ -297,4 +315,29 @@ pub fn entries<'a>(
         .iter()
         .filter(|r| r.node == node && r.entry.kind == kind && r.entry.resource.as_deref() == Some(resource))
         .collect()
+}
+
+/// Prints `min / p50 / p99 / max` of `v` (milliseconds) under `name`.
+pub fn summary(name: &str, mut v: Vec<u64>) {
+    v.sort_unstable();
+    let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "{name:50} n={:2}  min {:5} ms  p50 {:5} ms  p99 {:5} ms  max {:5} ms",
+        v.len(),
+        v[0],
+        p(0.5),
+        p(0.99),
+        v[v.len() - 1]
+    );
+}
+
+/// Milliseconds since the Unix epoch (journal entries carry the same).
+pub fn wall_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
 }
