@@ -413,10 +413,18 @@ impl Shell {
                 let Some(driver) = self.drivers.get(&resource).cloned() else {
                     return;
                 };
+                let stop_timeout =
+                    agent_resource(&self.opts.spec, &resource).map_or(Duration::from_secs(30), |r| r.stop_timeout);
+                // An urgent stop skips patience, not the work: a process gets
+                // little time to exit before SIGKILL, an unmount or an address
+                // removal still gets the milliseconds it needs. Half the fence
+                // margin ends it before the guard would act.
                 let timeout = if urgent {
-                    Duration::ZERO
+                    (settings.fence_margin / 2)
+                        .max(Duration::from_millis(100))
+                        .min(stop_timeout)
                 } else {
-                    agent_resource(&self.opts.spec, &resource).map_or(Duration::from_secs(30), |r| r.stop_timeout)
+                    stop_timeout
                 };
                 let ctx = OpCtx {
                     node,

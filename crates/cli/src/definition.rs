@@ -41,12 +41,14 @@ fn warn_units_enabled_at_boot(path: &Path, spec: &understudy_core::ClusterSpec) 
         let understudy_core::spec::Kind::Systemd(unit) = &r.kind else {
             continue;
         };
-        if r.role == understudy_core::spec::Role::MonitorOnly {
+        if r.role == understudy_core::spec::Role::MonitorOnly || !r.enabled {
             continue;
         }
         if understudy_drivers::systemd::is_enabled_at_boot(&unit.unit) == Some(true) {
+            // Point at this resource's `unit = "…"` line.
             let quoted = format!("\"{}\"", unit.unit);
-            let start = text.find(&quoted).unwrap_or(0);
+            let header = text.find(&format!(".resource.{}]", r.name)).unwrap_or(0);
+            let start = text[header..].find(&quoted).map_or(0, |i| header + i);
             let d = understudy_config::Diagnostic {
                 severity: understudy_config::Severity::Warning,
                 code: "W009",

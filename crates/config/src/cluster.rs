@@ -770,6 +770,16 @@ fn read_kind(ctx: &mut Ctx, o: &Obj<'_, '_>, kind: &str, ip_span: &mut Option<Ra
             let mountpoint = o.req_str(ctx, "mountpoint", "`mountpoint = \"/srv/shared\"`");
             if let Some(m) = &mountpoint {
                 absolute(ctx, m, "mount point", "`mountpoint = \"/srv/shared\"`");
+                if m.v.trim_end_matches('/').is_empty() {
+                    ctx.error("E012", m.span.clone(), "the mount point cannot be `/`")
+                        .hint("mount the shared disk on a directory of its own, e.g. `/srv/shared`");
+                }
+            }
+            if let Some(d) = &device
+                && d.v.trim().is_empty()
+            {
+                ctx.error("E012", d.span.clone(), "`device` is empty")
+                    .hint("write it like `device = \"/dev/disk/by-uuid/…\"`, `\"UUID=…\"` or `\"LABEL=…\"`");
             }
             let options = match o.get("options").map(|v| v.get_ref()) {
                 Some(DeValue::String(s)) => s
@@ -837,6 +847,10 @@ fn read_kind(ctx: &mut Ctx, o: &Obj<'_, '_>, kind: &str, ip_span: &mut Option<Ra
         }
         "systemd" => {
             let unit = o.req_str(ctx, "unit", "`unit = \"nginx.service\"`")?;
+            if unit.v.is_empty() || unit.v.starts_with('-') || unit.v.contains(char::is_whitespace) {
+                ctx.error("E012", unit.span.clone(), format!("`{}` is not a unit name", unit.v))
+                    .hint("write the unit's full name, e.g. `unit = \"nginx.service\"`");
+            }
             Some(Kind::Systemd(SystemdSpec { unit: unit.v }))
         }
         "script" => {
@@ -869,6 +883,14 @@ fn read_kind(ctx: &mut Ctx, o: &Obj<'_, '_>, kind: &str, ip_span: &mut Option<Ra
             let data_dir = o.req_str(ctx, "data_dir", "`data_dir = \"/srv/shared/pgdata\"`");
             if let Some(d) = &data_dir {
                 absolute(ctx, d, "data directory", "`data_dir = \"/srv/shared/pgdata\"`");
+                if d.v.contains(['"', '$', '`', '\\']) {
+                    ctx.error(
+                        "E012",
+                        d.span.clone(),
+                        format!("data directory `{}` contains a shell-special character", d.v),
+                    )
+                    .hint("pg_ctl passes it through a shell: use a path without \", $, ` or \\");
+                }
             }
             let port = o.uint(ctx, "port", 65535, "`port = 5432`");
             if let Some(p) = &port
@@ -879,6 +901,12 @@ fn read_kind(ctx: &mut Ctx, o: &Obj<'_, '_>, kind: &str, ip_span: &mut Option<Ra
             }
             let bin_dir = text(ctx, "bin_dir", "`bin_dir = \"/usr/lib/postgresql/15/bin\"`");
             let user = text(ctx, "user", "`user = \"postgres\"`").unwrap_or_else(|| "postgres".into());
+            if user.trim().is_empty()
+                && let Some(v) = o.get("user")
+            {
+                ctx.error("E012", v.span(), "`user` is empty")
+                    .hint("PostgreSQL refuses to run as root; name the account that owns the data directory");
+            }
             let database = text(ctx, "database", "`database = \"postgres\"`").unwrap_or_else(|| "postgres".into());
             let socket_dir = text(ctx, "socket_dir", "`socket_dir = \"/run/postgresql\"`");
             Some(Kind::Postgres(PostgresSpec {
@@ -928,7 +956,7 @@ fn warn_relative_command(ctx: &mut Ctx, o: &Obj<'_, '_>, key: &str, command: Opt
     }
     if let Some(v) = o.get(key) {
         ctx.warn("W006", v.span(), format!("command `{program}` is not an absolute path"))
-            .hint("the agent does not search PATH the way a login shell does; give the full path, or `./…` for a path relative to this file");
+            .hint("the agent looks it up in its own PATH, which may differ from a login shell's; give the full path, or `./…` for a path relative to this file");
     }
 }
 
@@ -1119,6 +1147,29 @@ fn cross_check(ctx: &mut Ctx, settings: &Settings, nodes: &[RawNode], groups: &[
                     ));
                 }
             }
+        }
+        match (&r.kind, r.role.v) {
+            (Some(Kind::Fs(_)), Role::Clone) => {
+                ctx.error(
+                    "E013",
+                    r.role.span.clone(),
+                    format!(
+                        "filesystem `{}` cannot be a clone: a shared disk is mounted on one node at a time",
+                        r.name.v
+                    ),
+                )
+                .hint("remove `clone = true`; the group's owner mounts it");
+            }
+            (Some(Kind::Process(_) | Kind::Sync(_)), Role::MonitorOnly) => {
+                let kind = r.kind.as_ref().map_or("", |k| k.name());
+                ctx.error(
+                    "E013",
+                    r.role.span.clone(),
+                    format!("`{}` of kind {kind} cannot be monitor-only: the agent can only check what it started itself", r.name.v),
+                )
+                .hint("to watch a service the cluster does not start, use kind `systemd` (its unit) or `script` with a `status` command");
+            }
+            _ => {}
         }
         if !r.enabled.v && !r.optional {
             ctx.error("E013", r.enabled.span.clone(), format!("`{}` is switched off but is not optional", r.name.v))

@@ -271,7 +271,12 @@ struct Res {
     last_health: Option<Health>,
     /// An optional member that failed: skipped until the group restarts.
     skipped: bool,
+    /// Stop it at once (authority lost, or an orderly stop failed).
     urgent: bool,
+    /// It may still be alive although this node lost the authority it ran
+    /// under (fenced, ownership lost): the fence guard must not be moved
+    /// past the deadline already armed until it has stopped.
+    lost: bool,
     /// The stop in flight was forced (`urgent` may have been set after an
     /// orderly stop was issued; only a forced stop's failure is final).
     forced: bool,
@@ -291,6 +296,7 @@ impl Res {
             last_health: None,
             skipped: false,
             urgent: false,
+            lost: false,
             forced: false,
             epoch: 0,
         }
@@ -736,7 +742,7 @@ impl Agent {
             return;
         };
         let lost_alive = self.res.iter().any(|(name, r)| {
-            r.urgent
+            r.lost
                 && matches!(r.state, ResState::Starting | ResState::Running | ResState::Stopping)
                 && self.spec_of(name).is_some_and(|s| s.role == Role::Managed)
         });
@@ -780,6 +786,7 @@ impl Agent {
                 && r.state != ResState::Stopped
             {
                 r.urgent = true;
+                r.lost = true;
             }
         }
         self.session = Session::None;
@@ -822,6 +829,7 @@ impl Agent {
                     && res.state != ResState::Stopped
                 {
                     res.urgent = true;
+                    res.lost = true;
                 }
             }
             self.journal(
@@ -916,6 +924,7 @@ impl Agent {
                 r.state = ResState::Stopped;
                 r.monitor_due = None;
                 r.urgent = false;
+                r.lost = false;
                 self.journal(EntryKind::Stopped, Some(&group), Some(resource), "stopped".into());
             }
             (Op::Stop, Err(e)) => {
@@ -1543,6 +1552,7 @@ impl Agent {
                 ResState::Stopped => {
                     if let Some(x) = self.res.get_mut(r) {
                         x.urgent = false;
+                        x.lost = false;
                     }
                 }
                 ResState::StopFailed | ResState::Starting | ResState::Stopping => all = false,

@@ -254,7 +254,8 @@ impl Kind {
 pub struct IpSpec {
     /// Address with prefix length, e.g. `10.213.0.100/24`.
     pub address: IpNet,
-    /// Interface to add it to; default: the one carrying the node's address.
+    /// Interface to add it to; default: the one up interface that carries an
+    /// address in the floating address's subnet.
     pub interface: Option<String>,
     /// Gratuitous ARP / unsolicited NA announcements sent right after adding.
     pub announce_count: u32,

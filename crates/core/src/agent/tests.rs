@@ -1299,3 +1299,43 @@ fn at_start_up_a_group_waits_for_its_preferred_node_to_join() {
         "{out:?}"
     );
 }
+
+/// A failed orderly stop is retried forcefully, but the node still holds its
+/// lease: renewals must keep moving the fence guard, or it would fire at the
+/// old deadline and take every owned resource away.
+#[test]
+fn a_forced_retry_while_holding_the_lease_keeps_the_guard_armed() {
+    let mut h = running_owner();
+    let mut moved = view(50, &["node1", "node2"], &[("mgmt", "node1", 42)]);
+    moved.group_admin.insert(
+        "mgmt".into(),
+        GroupAdmin {
+            move_to: Some("node2".into()),
+            ..GroupAdmin::default()
+        },
+    );
+    let out = h.step(Event::View(moved));
+    assert!(stops(&out).contains(&("app".to_string(), false)), "{out:?}");
+    let out = h.step(Event::OpDone {
+        resource: "app".into(),
+        op: Op::Stop,
+        result: Err("still busy".into()),
+    });
+    assert!(
+        stops(&out).contains(&("app".to_string(), true)),
+        "retried forcefully: {out:?}"
+    );
+    // The renewal still counts: the guard follows the new deadline.
+    let out = h.advance(500);
+    assert!(out.contains(&Action::Renew { lease: 7 }));
+    let out = h.step(Event::Renewed {
+        lease: 7,
+        sent_at: Time(h.mono),
+    });
+    assert!(
+        out.contains(&Action::ArmGuard {
+            deadline: Time(h.mono + 1_500 + 250)
+        }),
+        "the guard is re-armed for the new deadline: {out:?}"
+    );
+}
