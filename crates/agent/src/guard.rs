@@ -5,20 +5,21 @@
 //! stall, a frozen VM thread) cannot stop anything, yet its resources keep
 //! running. The guard is told the self-fencing deadline after every renewal
 //! (`deadline MS`, CLOCK_MONOTONIC milliseconds), the process groups of
-//! owned resources (`pgids A B C`), the mount points of owned filesystems
-//! (`mounts P Q`) and the floating addresses of owned groups (`addresses
-//! A/N`). If the deadline passes without a newer one, it SIGKILLs those
-//! groups, lazily unmounts those filesystems and removes those addresses —
-//! before the coordinator can expire the lease and let another node take the
-//! disk and the address. If the agent dies (its end of the pipe closes), it
-//! does the same and exits.
+//! owned resources (`pgids A B C`), the systemd units of owned resources
+//! (`units U V`), the mount points of owned filesystems (`mounts P Q`) and
+//! the floating addresses of owned groups (`addresses A/N`). If the deadline
+//! passes without a newer one, it SIGKILLs those groups and units, unmounts
+//! those filesystems and removes those addresses — before the coordinator
+//! can expire the lease and let another node take the disk and the address.
+//! If the agent dies (its end of the pipe closes), it does the same and
+//! exits.
 //!
 //! It runs in its own process group, so signals aimed at the agent's group
 //! (a terminal's Ctrl-C, `kill -STOP -PGID`) do not reach it.
 //!
-//! Architecture invariant: the guard is synchronous (std, nix, iproute2) and
-//! does nothing but wait and take things away; it holds no lock the agent
-//! could hold.
+//! Architecture invariant: the guard is synchronous (std, nix, iproute2,
+//! systemctl) and does nothing but wait and take things away; it holds no
+//! lock the agent could hold, and every command it runs is bounded in time.
 
 use std::io::{self, Write};
 use std::os::fd::AsFd;
@@ -26,6 +27,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, killpg};
@@ -82,6 +84,12 @@ impl Guard {
         self.send(&format!("addresses {}\n", addresses.join(" ")));
     }
 
+    /// Systemd units of owned resources, replacing the previous list.
+    pub fn set_units(&self, units: &[String]) {
+        let list: Vec<String> = units.iter().map(|u| escape(u)).collect();
+        self.send(&format!("units {}\n", list.join(" ")));
+    }
+
     /// The process groups of owned resources, replacing the previous list.
     pub fn set_pgids(&self, pgids: &[i32]) {
         let list: Vec<String> = pgids.iter().map(i32::to_string).collect();
@@ -108,6 +116,8 @@ impl Drop for Guard {
 struct Held {
     /// Process groups of owned resources.
     pgids: Vec<i32>,
+    /// Systemd units of owned resources.
+    units: Vec<String>,
     /// Mount points of owned filesystems.
     mounts: Vec<String>,
     /// Floating addresses (`ADDR/PREFIX`) of owned groups.
@@ -116,14 +126,18 @@ struct Held {
 
 impl Held {
     fn is_empty(&self) -> bool {
-        self.pgids.is_empty() && self.mounts.is_empty() && self.addresses.is_empty()
+        self.pgids.is_empty() && self.units.is_empty() && self.mounts.is_empty() && self.addresses.is_empty()
     }
 
-    /// Kills the processes, then lazily unmounts the filesystems (they are
-    /// no longer busy once their users are dead) and removes the addresses,
-    /// so a taken-over disk and address are no longer used here.
+    /// Kills the processes and the units' processes, then unmounts the
+    /// filesystems (they are no longer busy once their users are dead) and
+    /// removes the addresses, so a taken-over disk and address are no longer
+    /// used here; last it stops the units, so systemd does not restart them.
     fn fire(&mut self, why: &str) {
         kill_all(&self.pgids);
+        // A unit's processes may live in a mount namespace of their own
+        // (PrivateTmp=, ProtectSystem=), out of reach of the scan below.
+        let killed_units = systemctl_all("kill", &["--signal=SIGKILL"], &self.units, UNIT_KILL_WAIT);
         let mut users = Vec::new();
         for m in &self.mounts {
             // Whatever still uses the disk (a database's backends are
@@ -142,8 +156,11 @@ impl Held {
         for a in &self.addresses {
             remove_address(a);
         }
+        // `stop` also cancels a restart systemd may have queued after the kill.
+        let stopped_units = systemctl_all("stop", &[], &self.units, UNIT_STOP_WAIT);
         eprintln!(
-            "{} understudy fence-guard: {why}; killed process groups {:?}, unmounted {:?}, removed addresses {:?}",
+            "{} understudy fence-guard: {why}; killed process groups {:?}, killed units {killed_units:?}, \
+             unmounted {:?}, removed addresses {:?}, stopped units {stopped_units:?}",
             humantime::format_rfc3339_millis(std::time::SystemTime::now()),
             self.pgids,
             self.mounts,
@@ -151,6 +168,63 @@ impl Held {
         );
         *self = Held::default();
     }
+}
+
+/// How long the guard waits for `systemctl kill` of all units together
+/// before it goes on to the mounts and addresses.
+const UNIT_KILL_WAIT: Duration = Duration::from_secs(2);
+/// How long the guard waits for `systemctl stop` of all units together.
+const UNIT_STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs `systemctl --no-ask-password VERB ARGS UNIT` for every unit at once
+/// (the `systemctl` the drivers use, `$UNDERSTUDY_SYSTEMCTL` included) and
+/// waits for them together, at most `wait`; a call still running then is
+/// killed. Returns the units whose call succeeded.
+fn systemctl_all(verb: &str, args: &[&str], units: &[String], wait: Duration) -> Vec<String> {
+    let program = understudy_drivers::systemd::systemctl_program();
+    let mut calls: Vec<(&String, Child)> = units
+        .iter()
+        .filter_map(|u| {
+            Command::new(&program)
+                .arg("--no-ask-password")
+                .arg(verb)
+                .args(args)
+                .arg(u)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| eprintln!("understudy fence-guard: cannot run {}: {e}", program.display()))
+                .ok()
+                .map(|c| (u, c))
+        })
+        .collect();
+    let deadline = Instant::now() + wait;
+    let mut ok = Vec::new();
+    while !calls.is_empty() {
+        calls.retain_mut(|(unit, child)| match child.try_wait() {
+            Ok(Some(status)) => {
+                if status.success() {
+                    ok.push((*unit).clone());
+                } else {
+                    eprintln!("understudy fence-guard: systemctl {verb} {unit} failed: {status}");
+                }
+                false
+            }
+            Ok(None) => true,
+            Err(_) => false,
+        });
+        if Instant::now() >= deadline {
+            for (unit, child) in &mut calls {
+                eprintln!("understudy fence-guard: systemctl {verb} {unit} did not finish in {wait:?}");
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    ok
 }
 
 /// Removes `addr` (`ADDR/PREFIX`) from whichever interface carries it. An
@@ -219,6 +293,7 @@ pub fn run() -> io::Result<()> {
             match words.next() {
                 Some("deadline") => deadline = words.next().and_then(|w| w.parse().ok()),
                 Some("pgids") => held.pgids = words.filter_map(|w| w.parse().ok()).collect(),
+                Some("units") => held.units = words.map(unescape).collect(),
                 Some("mounts") => held.mounts = words.map(unescape).collect(),
                 Some("addresses") => held.addresses = words.map(str::to_string).collect(),
                 _ => {}

@@ -82,16 +82,19 @@ struct Shell {
     /// The status last published, and the lease it was attached to: a new
     /// session must republish even an unchanged status.
     last_status: Option<(i64, String)>,
-    /// Owned resources that hold a mount or an address (from the start
-    /// being issued until a stop succeeded): the fence guard takes them away.
+    /// Owned resources that hold a mount, an address or a systemd unit (from
+    /// the start being issued until a stop succeeded): the fence guard takes
+    /// them away.
     guarded: BTreeMap<String, Guarded>,
 }
 
-/// A mount point or floating address the fence guard must take away.
+/// A mount point, floating address or systemd unit the fence guard must
+/// take away.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Guarded {
     Mount(String),
     Address(String),
+    Unit(String),
 }
 
 /// Runs the agent until it has moved its groups away after SIGTERM/SIGINT.
@@ -365,8 +368,8 @@ impl Shell {
                     });
                     return;
                 }
-                // The guard must be able to take a mount or an address away
-                // from the moment the start may have created it.
+                // The guard must be able to take a mount, an address or a
+                // unit away from the moment the start may have created it.
                 if authority.is_some()
                     && let Some(g) = spec.and_then(guarded_of)
                 {
@@ -541,15 +544,17 @@ impl Shell {
     }
 
     fn update_guard(&self) {
-        let (mut mounts, mut addresses) = (Vec::new(), Vec::new());
+        let (mut mounts, mut addresses, mut units) = (Vec::new(), Vec::new(), Vec::new());
         for g in self.guarded.values() {
             match g {
                 Guarded::Mount(m) => mounts.push(m.clone()),
                 Guarded::Address(a) => addresses.push(a.clone()),
+                Guarded::Unit(u) => units.push(u.clone()),
             }
         }
         self.guard.set_mounts(&mounts);
         self.guard.set_addresses(&addresses);
+        self.guard.set_units(&units);
     }
 
     /// Publishes this node's status (attached to its lease) when it changed.
@@ -624,11 +629,14 @@ async fn ordered_writer(coord: Arc<dyn Coordinator>, mut rx: tokio::sync::mpsc::
     }
 }
 
-/// The mount or address a resource holds, for the fence guard.
+/// The mount, address or unit a resource holds, for the fence guard. (A
+/// process's group reaches the guard from the driver registry; a script's
+/// daemon is invisible to it.)
 fn guarded_of(r: &understudy_core::spec::ResourceSpec) -> Option<Guarded> {
     match &r.kind {
         understudy_core::spec::Kind::Fs(f) => Some(Guarded::Mount(f.mountpoint.clone())),
         understudy_core::spec::Kind::Ip(i) => Some(Guarded::Address(i.address.to_string())),
+        understudy_core::spec::Kind::Systemd(u) => Some(Guarded::Unit(u.unit.clone())),
         _ => None,
     }
 }

@@ -1,5 +1,6 @@
 //! A 3-agent cluster of real processes on the embedded coordinator: start
-//! order, crash failover, restart then failover, a paused owner, maintenance.
+//! order, crash failover, restart then failover, a paused owner, maintenance,
+//! and a dead owner's systemd unit taken away by its fence guard.
 //!
 //! Tests here run one at a time (they share the machine's two cores, and
 //! lease timing is what they test).
@@ -9,10 +10,14 @@
 mod common;
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{NODES, TestCluster, WEB, alive, definition, entries};
 use nix::sys::signal::Signal;
+use understudy_agent::keys::Keys;
+use understudy_agent::local::CommandFactory;
+use understudy_coord::sqlite::SqliteCoordinator;
 use understudy_core::agent::EntryKind;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -268,4 +273,104 @@ async fn maintenance_holds_everything_still() {
     understudy(&c, &["maintenance", "off"]);
     c.wait_for("web running again", WAIT, |s| s.running_on("web", &WEB).is_some())
         .await;
+}
+
+/// A stand-in `systemctl` shared by the three agents: each node's units are
+/// files `NODE.UNIT` next to it (the node comes from `$FAKE_NODE`, which the
+/// fence guard inherits from its agent), and every call is appended to
+/// `calls` as `NANOS NODE VERB UNIT`.
+const FAKE_SYSTEMCTL: &str = r#"#!/bin/sh
+dir=$(dirname "$0")
+verb=""; unit=""
+for a in "$@"; do
+    case "$a" in --*) ;; *) if [ -z "$verb" ]; then verb=$a; else unit=$a; fi ;; esac
+done
+echo "$(date +%s%N) $FAKE_NODE $verb $unit" >> "$dir/calls"
+st="$dir/$FAKE_NODE.$unit"
+case "$verb" in
+start) echo active > "$st" ;;
+stop) [ "$(cat "$st" 2>/dev/null)" = failed ] || echo inactive > "$st" ;;
+kill) echo failed > "$st" ;;
+is-active)
+    s=$(cat "$st" 2>/dev/null || echo inactive)
+    echo "$s"
+    [ "$s" = active ] && exit 0
+    exit 3 ;;
+*) echo disabled; exit 1 ;;
+esac
+"#;
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_killed_owners_guard_kills_and_stops_its_unit_before_another_node_starts_it() {
+    let _serial = SERIAL.lock().await;
+    let definition = definition(TTL_MS);
+    let (head, _) = definition.split_once("[group.web]").unwrap();
+    let definition = format!(
+        "{head}[group.svc]\nmonitor = {{ interval = \"300ms\", timeout = \"250ms\" }}\n\n\
+         [group.svc.resource.web]\nkind = \"systemd\"\nunit = \"web.service\"\n"
+    );
+    let dir = TestCluster::prepare(&definition);
+    let systemctl = dir.path().join("systemctl");
+    std::fs::write(&systemctl, FAKE_SYSTEMCTL).unwrap();
+    std::fs::set_permissions(&systemctl, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let coord = SqliteCoordinator::open(&dir.path().join("coordinator.db"))
+        .await
+        .unwrap();
+    let factory: CommandFactory = Box::new(move |node, exe| {
+        let mut cmd = Command::new(exe);
+        cmd.env("UNDERSTUDY_SYSTEMCTL", &systemctl).env("FAKE_NODE", node);
+        cmd
+    });
+    let mut c = TestCluster::with(dir, Arc::new(coord), Keys::new("/understudy", "it"), Some(factory));
+    c.start_all();
+    let snap = c
+        .wait_for("svc running with all three nodes registered", WAIT, |s| {
+            s.running_on("svc", &["web"]).is_some() && NODES.iter().all(|n| s.view.nodes.contains_key(*n))
+        })
+        .await;
+    let owner = snap.owner("svc").unwrap().to_string();
+    let unit_state = |node: &str| std::fs::read_to_string(c.dir.path().join(format!("{node}.web.service"))).unwrap();
+    assert_eq!(unit_state(&owner).trim(), "active");
+
+    c.agents.signal(&owner, Signal::SIGKILL).unwrap();
+    let snap = c
+        .wait_for("svc running on another node", WAIT, |s| {
+            s.running_on("svc", &["web"]).is_some_and(|n| n != owner)
+        })
+        .await;
+    let new_owner = snap.owner("svc").unwrap().to_string();
+
+    // Nothing of the unit survives on the dead agent's node, and the guard
+    // was done with it before the new owner started it.
+    assert_ne!(unit_state(&owner).trim(), "active", "the old owner's unit still runs");
+    let calls = std::fs::read_to_string(c.dir.path().join("calls")).unwrap();
+    let calls: Vec<(u128, &str, &str)> = calls
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((w.next()?.parse().ok()?, w.next()?, w.next()?))
+        })
+        .collect();
+    let at = |node: &str, verb: &str| {
+        calls
+            .iter()
+            .filter(|(_, n, v)| *n == node && *v == verb)
+            .map(|(t, _, _)| *t)
+            .next_back()
+            .unwrap_or_else(|| panic!("no `systemctl {verb}` from {node}: {calls:?}"))
+    };
+    let started = at(&new_owner, "start");
+    assert!(
+        at(&owner, "kill") < started,
+        "the guard killed the unit after the new owner started it"
+    );
+    assert!(
+        at(&owner, "stop") < started,
+        "the guard stopped the unit after the new owner started it"
+    );
+    let log = std::fs::read_to_string(c.agents.log_path(&owner)).unwrap();
+    assert!(
+        log.contains("killed units [\"web.service\"]") && log.contains("stopped units [\"web.service\"]"),
+        "the guard's report names the unit:\n{log}"
+    );
 }

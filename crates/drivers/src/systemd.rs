@@ -28,8 +28,11 @@
 //!   that fails or runs over and the unit is not stopped, the driver
 //!   escalates: `systemctl kill --signal=SIGKILL UNIT` (every process of the
 //!   unit) and `systemctl stop UNIT` again (which also cancels an automatic
-//!   restart), each within 5 s. A zero timeout (the agent's urgent stop) goes
-//!   straight to the escalation. Stop succeeds when `is-active` then says
+//!   restart), each within 5 s. A zero timeout goes straight to the
+//!   escalation; the agent's urgent stop gives the plain stop a short budget
+//!   (half the fence margin) before it escalates. If the agent itself dies
+//!   or stalls while it owns the unit, its fence guard runs the same
+//!   `kill --signal=SIGKILL` and `stop` (see the agent's `guard` module). Stop succeeds when `is-active` then says
 //!   `inactive` or `failed` (a unit killed that way usually ends up
 //!   `failed`; stop does not `reset-failed` it, so the operator still sees
 //!   it). Stopping a stopped or unknown unit succeeds.
