@@ -7,9 +7,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use toml::de::{DeTable, DeValue};
 use understudy_core::spec::{
-    ClusterSpec, CoordinatorSpec, EtcdSpec, Failback, FailoverPolicy, FsSpec, GroupSpec, HealthCheck, IpSpec, Kind,
-    MonitorSpec, NodeSpec, OnFail, PostgresSpec, ProcessSpec, ResourceSpec, Role, ScriptSpec, Settings, SyncSpec,
-    SystemdSpec,
+    ClusterSpec, CoordinatorSpec, DirectorySpec, EtcdSpec, Failback, FailoverPolicy, FsSpec, GroupSpec, HealthCheck,
+    IpSpec, Kind, MonitorSpec, NodeSpec, OnFail, PostgresSpec, ProcessSpec, ResourceSpec, Role, ScriptSpec, Settings,
+    SyncSpec, SystemdSpec,
 };
 use understudy_core::time::HumanDuration;
 
@@ -793,22 +793,7 @@ fn read_kind(ctx: &mut Ctx, o: &Obj<'_, '_>, kind: &str, ip_span: &mut Option<Ra
                     .unwrap_or_default(),
                 None => Vec::new(),
             };
-            let directories = o
-                .str_array(ctx, "directories", "`directories = [\"app/data\"]`")
-                .map(|a| {
-                    for d in &a.v {
-                        if d.v.starts_with('/') || d.v.split('/').any(|p| p == "..") {
-                            ctx.error(
-                                "E012",
-                                d.span.clone(),
-                                format!("directory `{}` must be relative to the mount point", d.v),
-                            )
-                            .hint("write the path inside the filesystem, e.g. `\"NVWORK\"`");
-                        }
-                    }
-                    a.v.into_iter().map(|s| s.v).collect()
-                })
-                .unwrap_or_default();
+            let directories = read_directories(ctx, o);
             let fstype = text(ctx, "fstype", "`fstype = \"ext4\"`").unwrap_or_else(|| "ext4".into());
             let fsck = o.bool(ctx, "fsck").is_none_or(|b| b.v);
             Some(Kind::Fs(FsSpec {
@@ -1464,4 +1449,121 @@ fn build(
         nodes,
         groups: out_groups,
     })
+}
+
+/// `directories = ["NVWORK", { path = "pgsql", owner = "postgres", mode = "0700" }]`:
+/// each a relative path, or a table with its owner, group and mode (S2.2b).
+fn read_directories(ctx: &mut Ctx, o: &Obj) -> Vec<DirectorySpec> {
+    const EXAMPLE: &str = "`directories = [\"app/data\", { path = \"pgsql\", owner = \"postgres\", mode = \"0700\" }]`";
+    let Some(v) = o.get("directories") else {
+        return Vec::new();
+    };
+    let DeValue::Array(items) = v.get_ref() else {
+        ctx.error(
+            "E011",
+            v.span(),
+            format!(
+                "`directories` in {} must be an array, found {}",
+                o.what,
+                type_name(v.get_ref())
+            ),
+        )
+        .hint(format!("write it like {EXAMPLE}"));
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for item in items.iter() {
+        let dir = match item.get_ref() {
+            DeValue::String(path) => {
+                Some(DirectorySpec::plain(path.to_string())).filter(|_| relative_dir(ctx, path, item.span()))
+            }
+            DeValue::Table(t) => {
+                let d = Obj::new(t, item.span(), format!("a directory of {}", o.what));
+                d.check_keys(ctx, &["path", "owner", "group", "mode"], |_| None);
+                let path = d.req_str(ctx, "path", "`path = \"pgsql\"`");
+                let path = path.filter(|p| relative_dir(ctx, &p.v, p.span.clone()));
+                let mut account = |key: &str| {
+                    let a = d.str(ctx, key, &format!("`{key} = \"postgres\"`"))?;
+                    let ok = !a.v.is_empty()
+                        && !a.v.starts_with('-')
+                        && a.v
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '$'));
+                    if !ok {
+                        ctx.error("E012", a.span.clone(), format!("invalid {key} `{}`", a.v))
+                            .hint(format!(
+                                "write a user or group name or a number, e.g. `{key} = \"postgres\"`"
+                            ));
+                        return None;
+                    }
+                    Some(a.v)
+                };
+                let owner = account("owner");
+                let group = account("group");
+                let mode = match d.get("mode") {
+                    Some(m) if !matches!(m.get_ref(), DeValue::String(_)) => {
+                        ctx.error(
+                            "E011",
+                            m.span(),
+                            format!(
+                                "`mode` in {} must be a string, found {}",
+                                d.what,
+                                type_name(m.get_ref())
+                            ),
+                        )
+                        .hint("write the permission bits as an octal string, e.g. `mode = \"0750\"`");
+                        None
+                    }
+                    _ => d.str(ctx, "mode", "`mode = \"0750\"`").and_then(|m| {
+                        let digits = m.v.strip_prefix("0o").unwrap_or(&m.v);
+                        match u32::from_str_radix(digits, 8) {
+                            Ok(bits) if digits.chars().all(|c| ('0'..='7').contains(&c)) && bits <= 0o7777 => {
+                                Some(bits)
+                            }
+                            _ => {
+                                ctx.error("E012", m.span.clone(), format!("invalid mode `{}`", m.v))
+                                    .hint("write the permission bits in octal, e.g. `mode = \"0750\"`");
+                                None
+                            }
+                        }
+                    }),
+                };
+                path.map(|p| DirectorySpec {
+                    path: p.v,
+                    owner,
+                    group,
+                    mode,
+                })
+            }
+            other => {
+                ctx.error(
+                    "E011",
+                    item.span(),
+                    format!(
+                        "`directories` in {} must hold paths or tables, found {}",
+                        o.what,
+                        type_name(other)
+                    ),
+                )
+                .hint(format!("write it like {EXAMPLE}"));
+                None
+            }
+        };
+        out.extend(dir);
+    }
+    out
+}
+
+/// A directory must lie inside the mounted filesystem.
+fn relative_dir(ctx: &mut Ctx, path: &str, span: Range<usize>) -> bool {
+    let ok = !path.is_empty() && !path.starts_with('/') && !path.split('/').any(|p| p == "..");
+    if !ok {
+        ctx.error(
+            "E012",
+            span,
+            format!("directory `{path}` must be relative to the mount point"),
+        )
+        .hint("write the path inside the filesystem, e.g. `\"NVWORK\"`");
+    }
+    ok
 }

@@ -276,9 +276,35 @@ pub struct FsSpec {
     pub options: Vec<String>,
     /// Run `fsck -p` before mounting.
     pub fsck: bool,
-    /// Folders that must exist on the mounted filesystem (relative paths),
-    /// e.g. each component's work folder (S2.2b, S2.3b).
-    pub directories: Vec<String>,
+    /// Folders that must exist on the mounted filesystem, e.g. each
+    /// component's work folder (S2.2b, S2.3b).
+    pub directories: Vec<DirectorySpec>,
+}
+
+/// A folder on a shared filesystem, created after every mount (S2.2b: "folder
+/// permissions are set").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DirectorySpec {
+    /// Relative to the mount point.
+    pub path: String,
+    /// User name or numeric uid the folder is given to.
+    pub owner: Option<String>,
+    /// Group name or numeric gid.
+    pub group: Option<String>,
+    /// Permission bits (`0o7777` at most).
+    pub mode: Option<u32>,
+}
+
+impl DirectorySpec {
+    /// A folder with whatever owner and mode creating it gives.
+    pub fn plain(path: impl Into<String>) -> DirectorySpec {
+        DirectorySpec {
+            path: path.into(),
+            owner: None,
+            group: None,
+            mode: None,
+        }
+    }
 }
 
 /// How a process or script is checked beyond being alive.

@@ -35,8 +35,10 @@
 //!      data string (`errors=remount-ro,data=ordered`, …).
 //!   7. Checks and records the **fencing marker** (below); a newer token
 //!      there refuses (and a fresh mount is undone).
-//!   8. Creates `directories` (relative to the mountpoint) and removes probe
-//!      files a crashed monitor may have left.
+//!   8. Creates `directories` (relative to the mountpoint), gives each the
+//!      owner, group and mode it asks for (every start, so a change by hand
+//!      is undone; only the last component, not parents it had to create),
+//!      and removes probe files a crashed monitor may have left.
 //!
 //!   The whole start is bounded by `ctx.timeout`. Every step that may block
 //!   on the disk (mount, marker, directories, unmount) runs on its own thread
@@ -161,7 +163,7 @@ use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::hash::BuildHasher;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -173,7 +175,7 @@ use nix::mount::{MntFlags, MsFlags};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::stat::makedev;
 use nix::unistd::Pid;
-use understudy_core::spec::FsSpec;
+use understudy_core::spec::{DirectorySpec, FsSpec};
 
 use crate::spawn::{Exit, KILL_WAIT, Launch, Log, Spawned, show_argv};
 use crate::{Driver, DriverEnv, DriverError, Health, OpCtx, procfs};
@@ -588,7 +590,7 @@ enum Settle {
 }
 
 /// After mounting: the fencing marker, directories, leftover probe files.
-fn settle(mp: &Path, me: &Marker, readonly: bool, directories: &[String]) -> Result<(), Settle> {
+fn settle(mp: &Path, me: &Marker, readonly: bool, directories: &[DirectorySpec]) -> Result<(), Settle> {
     let marker = read_marker(mp).map_err(|e| {
         Settle::Refused(format!(
             "{e}; cannot prove this node's token {} is current: refusing (remove the file if no other node uses the disk)",
@@ -605,10 +607,10 @@ fn settle(mp: &Path, me: &Marker, readonly: bool, directories: &[String]) -> Res
     }
     if readonly {
         for d in directories {
-            if !mp.join(d).is_dir() {
+            if !mp.join(&d.path).is_dir() {
                 return Err(Settle::Failed(format!(
                     "directory {} does not exist and the filesystem is mounted read-only",
-                    mp.join(d).display()
+                    mp.join(&d.path).display()
                 )));
             }
         }
@@ -630,8 +632,52 @@ fn settle(mp: &Path, me: &Marker, readonly: bool, directories: &[String]) -> Res
         }
     }
     for d in directories {
-        let p = mp.join(d);
+        let p = mp.join(&d.path);
         fs::create_dir_all(&p).map_err(|e| Settle::Failed(format!("cannot create directory {}: {e}", p.display())))?;
+        set_owner_and_mode(&p, d).map_err(Settle::Failed)?;
+    }
+    Ok(())
+}
+
+/// Gives a directory the owner, group and mode its definition asks for
+/// (after every mount, so a change by hand is undone). Names are looked up
+/// on this node; a number is taken as it is.
+fn set_owner_and_mode(p: &Path, d: &DirectorySpec) -> Result<(), String> {
+    let uid = match &d.owner {
+        None => None,
+        Some(name) => Some(match name.parse::<u32>() {
+            Ok(n) => nix::unistd::Uid::from_raw(n),
+            Err(_) => match nix::unistd::User::from_name(name) {
+                Ok(Some(u)) => u.uid,
+                Ok(None) => return Err(format!("directory {}: no user `{name}` on this node", p.display())),
+                Err(e) => return Err(format!("directory {}: cannot look up user `{name}`: {e}", p.display())),
+            },
+        }),
+    };
+    let gid = match &d.group {
+        None => None,
+        Some(name) => Some(match name.parse::<u32>() {
+            Ok(n) => nix::unistd::Gid::from_raw(n),
+            Err(_) => match nix::unistd::Group::from_name(name) {
+                Ok(Some(g)) => g.gid,
+                Ok(None) => return Err(format!("directory {}: no group `{name}` on this node", p.display())),
+                Err(e) => return Err(format!("directory {}: cannot look up group `{name}`: {e}", p.display())),
+            },
+        }),
+    };
+    if uid.is_some() || gid.is_some() {
+        nix::unistd::chown(p, uid, gid).map_err(|e| {
+            format!(
+                "cannot give directory {} to {}:{}: {e}",
+                p.display(),
+                d.owner.as_deref().unwrap_or("-"),
+                d.group.as_deref().unwrap_or("-")
+            )
+        })?;
+    }
+    if let Some(mode) = d.mode {
+        fs::set_permissions(p, fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("cannot set mode {mode:04o} on directory {}: {e}", p.display()))?;
     }
     Ok(())
 }
@@ -985,9 +1031,15 @@ impl FsDriver {
             return Err(bad("`fstype` is empty".into()));
         }
         for d in &spec.directories {
-            let p = Path::new(d);
-            if p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir)) {
-                return Err(bad(format!("directory `{d}` must be relative to the mount point")));
+            let p = Path::new(&d.path);
+            if d.path.is_empty() || p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir)) {
+                return Err(bad(format!(
+                    "directory `{}` must be relative to the mount point",
+                    d.path
+                )));
+            }
+            if d.mode.is_some_and(|m| m > 0o7777) {
+                return Err(bad(format!("directory `{}` has an invalid mode", d.path)));
             }
         }
         Ok(FsDriver {

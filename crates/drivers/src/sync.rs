@@ -17,14 +17,17 @@
 //!
 //! `paths` are files or directories (taken recursively). A path that does not
 //! exist is recorded as absent; applying a copy where a path is absent leaves
-//! a local one alone. Files are written atomically (temporary file, fsync,
-//! rename) with their recorded mode. The copy is kept small: at most 1 MiB in
+//! a local one alone (deletions are not replicated: a file removed on the
+//! owner stays on the others). Files are written atomically (temporary file,
+//! fsync, rename) with their recorded mode; a file that exists locally keeps
+//! its local owner and group, a new one gets the numeric owner recorded on
+//! the node that stored it. The copy is kept small: at most 1 MiB in
 //! all (etcd's request limit is 1.5 MiB), larger copies are refused with an
 //! error naming the biggest files.
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -49,6 +52,12 @@ struct Copy {
 struct File {
     mode: u32,
     data: Vec<u8>,
+    /// Numeric owner on the node that stored it (absent in copies stored
+    /// by older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gid: Option<u32>,
 }
 
 pub struct SyncDriver {
@@ -228,18 +237,33 @@ fn read_into(path: &Path, copy: &mut Copy) -> Result<(), String> {
             File {
                 mode: meta.permissions().mode() & 0o7777,
                 data,
+                uid: Some(meta.uid()),
+                gid: Some(meta.gid()),
             },
         );
     }
     Ok(())
 }
 
+/// Writes every file of `copy` whose content or mode differs here. A file
+/// that exists here keeps its local owner (user ids may differ between
+/// nodes; the node that installed the service knows its user); a new file
+/// gets the owner recorded with it.
 fn write_copy(copy: &Copy) -> Result<(), String> {
     for (path, file) in &copy.files {
         let path = Path::new(path);
-        if std::fs::read(path).is_ok_and(|d| d == file.data) {
+        let local = std::fs::symlink_metadata(path).ok().filter(|m| m.is_file());
+        if local
+            .as_ref()
+            .is_some_and(|m| m.permissions().mode() & 0o7777 == file.mode)
+            && std::fs::read(path).is_ok_and(|d| d == file.data)
+        {
             continue;
         }
+        let (uid, gid) = match &local {
+            Some(m) => (Some(m.uid()), Some(m.gid())),
+            None => (file.uid, file.gid),
+        };
         let dir = path
             .parent()
             .ok_or_else(|| format!("{} has no parent directory", path.display()))?;
@@ -250,7 +274,11 @@ fn write_copy(copy: &Copy) -> Result<(), String> {
         ));
         let mut f = std::fs::File::create(&tmp).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
         f.write_all(&file.data)
-            .and_then(|()| f.set_permissions(std::fs::Permissions::from_mode(file.mode)))
+            .and_then(|()| {
+                std::os::unix::fs::fchown(&f, uid, gid)?;
+                // After the chown, which clears set-id bits.
+                f.set_permissions(std::fs::Permissions::from_mode(file.mode))
+            })
             .and_then(|()| f.sync_all())
             .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
         std::fs::rename(&tmp, path).map_err(|e| format!("cannot replace {}: {e}", path.display()))?;
@@ -271,9 +299,11 @@ mod tests {
         std::fs::write(&a, b"alpha").unwrap();
         std::fs::write(&b, b"<b/>").unwrap();
         std::fs::set_permissions(&a, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::lchown(&a, Some(65534), Some(4242)).unwrap();
         let copy = read_paths(&[dir.path().join("etc"), dir.path().join("missing")]).unwrap();
         assert_eq!(copy.files.len(), 2);
         assert_eq!(copy.files[&a.display().to_string()].mode, 0o600);
+        assert_eq!(copy.files[&a.display().to_string()].uid, Some(65534));
 
         std::fs::remove_dir_all(dir.path().join("etc")).unwrap();
         write_copy(&copy).unwrap();
@@ -281,5 +311,49 @@ mod tests {
         assert_eq!(std::fs::read(&b).unwrap(), b"<b/>");
         assert_eq!(std::fs::metadata(&a).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(read_paths(&[dir.path().join("etc")]).unwrap(), copy);
+        assert_eq!(
+            (
+                std::fs::metadata(&a).unwrap().uid(),
+                std::fs::metadata(&a).unwrap().gid()
+            ),
+            (65534, 4242),
+            "a new file gets the recorded owner"
+        );
+    }
+
+    #[test]
+    fn an_existing_file_keeps_its_local_owner_and_gets_the_new_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("app.conf");
+        std::fs::write(&a, b"old").unwrap();
+        std::os::unix::fs::lchown(&a, Some(4243), Some(4244)).unwrap();
+        let mut copy = Copy::default();
+        let file = |data: &[u8], mode| File {
+            mode,
+            data: data.to_vec(),
+            uid: Some(65534),
+            gid: Some(65534),
+        };
+        copy.files.insert(a.display().to_string(), file(b"new", 0o640));
+        write_copy(&copy).unwrap();
+        let meta = std::fs::metadata(&a).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), b"new");
+        assert_eq!((meta.uid(), meta.gid()), (4243, 4244), "the local owner is kept");
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o640);
+
+        // Same content, another mode: the mode is still applied.
+        copy.files.insert(a.display().to_string(), file(b"new", 0o600));
+        write_copy(&copy).unwrap();
+        assert_eq!(std::fs::metadata(&a).unwrap().permissions().mode() & 0o7777, 0o600);
+
+        // A copy stored by an older version has no owner: root (ours) it is.
+        let b = dir.path().join("new.conf");
+        let mut old = Copy::default();
+        old.files.insert(
+            b.display().to_string(),
+            serde_json::from_str(r#"{"mode":420,"data":[104,105]}"#).unwrap(),
+        );
+        write_copy(&old).unwrap();
+        assert_eq!(std::fs::metadata(&b).unwrap().uid(), nix::unistd::geteuid().as_raw());
     }
 }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use common::{TestEnv, wait_until};
 use nix::sys::stat::{major, minor};
-use understudy_core::spec::FsSpec;
+use understudy_core::spec::{DirectorySpec, FsSpec};
 use understudy_drivers::fs::{FsDriver, MARKER};
 use understudy_drivers::{Driver, Health, OpCtx};
 
@@ -130,7 +130,7 @@ impl Disk {
             fstype: "ext4".into(),
             options: vec!["noatime".into(), "nodev".into(), "errors=remount-ro".into()],
             fsck: true,
-            directories: vec!["app/data".into(), "logs".into()],
+            directories: vec![DirectorySpec::plain("app/data"), DirectorySpec::plain("logs")],
         }
     }
 
@@ -321,6 +321,58 @@ async fn start_by_path_mounts_creates_directories_and_marker_and_stop_unmounts()
     let e = d.start(&ctx(None, "node1", SHORT)).await.unwrap_err().to_string();
     assert!(e.contains("no fencing token"), "{e}");
     assert_eq!(mounted_at(&mp), 0);
+}
+
+/// S2.2b: "folder permissions are set" on the shared disk, after every
+/// mount; a user this node does not know fails the start and leaves the
+/// disk unmounted.
+#[tokio::test]
+async fn directories_get_their_owner_group_and_mode_at_every_start() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let t = TestEnv::new();
+    let disk = Disk::new();
+    let mp = disk.mp();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
+    let mut spec = disk.spec(&disk.dev);
+    spec.directories = vec![
+        DirectorySpec::plain("plain"),
+        DirectorySpec {
+            path: "work/private".into(),
+            owner: Some("nobody".into()),
+            group: Some("4242".into()),
+            mode: Some(0o2750),
+        },
+    ];
+    let d = driver(&t, &spec);
+    d.start(&ok(1)).await.unwrap();
+    let meta = fs::metadata(mp.join("work/private")).unwrap();
+    assert_eq!(meta.uid(), nobody.uid.as_raw(), "owner by name");
+    assert_eq!(meta.gid(), 4242, "group by number");
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o2750);
+    let parent = fs::metadata(mp.join("work")).unwrap();
+    assert_eq!(parent.uid(), 0, "a parent it had to create keeps the default owner");
+    assert_eq!(fs::metadata(mp.join("plain")).unwrap().uid(), 0);
+
+    // Changed by hand while mounted: the next start puts it back.
+    fs::set_permissions(mp.join("work/private"), fs::Permissions::from_mode(0o777)).unwrap();
+    nix::unistd::chown(&mp.join("work/private"), Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+    d.stop(&ok(1)).await.unwrap();
+    d.start(&ok(2)).await.unwrap();
+    let meta = fs::metadata(mp.join("work/private")).unwrap();
+    assert_eq!(meta.uid(), nobody.uid.as_raw());
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o2750);
+    d.stop(&ok(2)).await.unwrap();
+
+    spec.directories = vec![DirectorySpec {
+        path: "work/private".into(),
+        owner: Some("no-such-user-understudy".into()),
+        group: None,
+        mode: None,
+    }];
+    let d = driver(&t, &spec);
+    let e = d.start(&ok(3)).await.unwrap_err().to_string();
+    assert!(e.contains("no user `no-such-user-understudy` on this node"), "{e}");
+    assert_eq!(mounted_at(&mp), 0, "a failed start leaves the disk unmounted");
 }
 
 #[tokio::test]
