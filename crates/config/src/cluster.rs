@@ -1459,16 +1459,7 @@ fn read_directories(ctx: &mut Ctx, o: &Obj) -> Vec<DirectorySpec> {
         return Vec::new();
     };
     let DeValue::Array(items) = v.get_ref() else {
-        ctx.error(
-            "E011",
-            v.span(),
-            format!(
-                "`directories` in {} must be an array, found {}",
-                o.what,
-                type_name(v.get_ref())
-            ),
-        )
-        .hint(format!("write it like {EXAMPLE}"));
+        o.wrong_type(ctx, "directories", v, "an array", EXAMPLE);
         return Vec::new();
     };
     let mut out = Vec::new();
@@ -1500,34 +1491,18 @@ fn read_directories(ctx: &mut Ctx, o: &Obj) -> Vec<DirectorySpec> {
                 };
                 let owner = account("owner");
                 let group = account("group");
-                let mode = match d.get("mode") {
-                    Some(m) if !matches!(m.get_ref(), DeValue::String(_)) => {
-                        ctx.error(
-                            "E011",
-                            m.span(),
-                            format!(
-                                "`mode` in {} must be a string, found {}",
-                                d.what,
-                                type_name(m.get_ref())
-                            ),
-                        )
-                        .hint("write the permission bits as an octal string, e.g. `mode = \"0750\"`");
-                        None
-                    }
-                    _ => d.str(ctx, "mode", "`mode = \"0750\"`").and_then(|m| {
-                        let digits = m.v.strip_prefix("0o").unwrap_or(&m.v);
-                        match u32::from_str_radix(digits, 8) {
-                            Ok(bits) if digits.chars().all(|c| ('0'..='7').contains(&c)) && bits <= 0o7777 => {
-                                Some(bits)
-                            }
-                            _ => {
-                                ctx.error("E012", m.span.clone(), format!("invalid mode `{}`", m.v))
-                                    .hint("write the permission bits in octal, e.g. `mode = \"0750\"`");
-                                None
-                            }
+                let example = "`mode = \"0750\"`, an octal string (a bare 750 would be decimal)";
+                let mode = d.str(ctx, "mode", example).and_then(|m| {
+                    let digits = m.v.strip_prefix("0o").unwrap_or(&m.v);
+                    match u32::from_str_radix(digits, 8) {
+                        Ok(bits) if digits.chars().all(|c| ('0'..='7').contains(&c)) && bits <= 0o7777 => Some(bits),
+                        _ => {
+                            ctx.error("E012", m.span.clone(), format!("invalid mode `{}`", m.v))
+                                .hint(format!("write it like {example}"));
+                            None
                         }
-                    }),
-                };
+                    }
+                });
                 path.map(|p| DirectorySpec {
                     path: p.v,
                     owner,

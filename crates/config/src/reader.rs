@@ -135,7 +135,7 @@ impl<'t, 'i> Obj<'t, 'i> {
             .map(|(k, _)| k.span())
     }
 
-    fn wrong_type(&self, ctx: &mut Ctx, key: &str, v: &Spanned<DeValue<'i>>, expected: &str, example: &str) {
+    pub fn wrong_type(&self, ctx: &mut Ctx, key: &str, v: &Spanned<DeValue<'i>>, expected: &str, example: &str) {
         ctx.error(
             "E011",
             v.span(),

@@ -639,32 +639,40 @@ fn settle(mp: &Path, me: &Marker, readonly: bool, directories: &[DirectorySpec])
     Ok(())
 }
 
+/// A user or group id: a number as it is, a name through `by_name` (this
+/// node's user database).
+fn lookup(
+    p: &Path,
+    what: &str,
+    name: Option<&str>,
+    by_name: impl Fn(&str) -> nix::Result<Option<u32>>,
+) -> Result<Option<u32>, String> {
+    let Some(name) = name else { return Ok(None) };
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(Some(n));
+    }
+    match by_name(name) {
+        Ok(Some(id)) => Ok(Some(id)),
+        Ok(None) => Err(format!("directory {}: no {what} `{name}` on this node", p.display())),
+        Err(e) => Err(format!(
+            "directory {}: cannot look up {what} `{name}`: {e}",
+            p.display()
+        )),
+    }
+}
+
 /// Gives a directory the owner, group and mode its definition asks for
 /// (after every mount, so a change by hand is undone). Names are looked up
 /// on this node; a number is taken as it is.
 fn set_owner_and_mode(p: &Path, d: &DirectorySpec) -> Result<(), String> {
-    let uid = match &d.owner {
-        None => None,
-        Some(name) => Some(match name.parse::<u32>() {
-            Ok(n) => nix::unistd::Uid::from_raw(n),
-            Err(_) => match nix::unistd::User::from_name(name) {
-                Ok(Some(u)) => u.uid,
-                Ok(None) => return Err(format!("directory {}: no user `{name}` on this node", p.display())),
-                Err(e) => return Err(format!("directory {}: cannot look up user `{name}`: {e}", p.display())),
-            },
-        }),
-    };
-    let gid = match &d.group {
-        None => None,
-        Some(name) => Some(match name.parse::<u32>() {
-            Ok(n) => nix::unistd::Gid::from_raw(n),
-            Err(_) => match nix::unistd::Group::from_name(name) {
-                Ok(Some(g)) => g.gid,
-                Ok(None) => return Err(format!("directory {}: no group `{name}` on this node", p.display())),
-                Err(e) => return Err(format!("directory {}: cannot look up group `{name}`: {e}", p.display())),
-            },
-        }),
-    };
+    let uid = lookup(p, "user", d.owner.as_deref(), |name| {
+        nix::unistd::User::from_name(name).map(|u| u.map(|u| u.uid.as_raw()))
+    })?
+    .map(nix::unistd::Uid::from_raw);
+    let gid = lookup(p, "group", d.group.as_deref(), |name| {
+        nix::unistd::Group::from_name(name).map(|g| g.map(|g| g.gid.as_raw()))
+    })?
+    .map(nix::unistd::Gid::from_raw);
     if uid.is_some() || gid.is_some() {
         nix::unistd::chown(p, uid, gid).map_err(|e| {
             format!(
