@@ -12,7 +12,9 @@
 //! those filesystems and removes those addresses — before the coordinator
 //! can expire the lease and let another node take the disk and the address.
 //! If the agent dies (its end of the pipe closes), it does the same and
-//! exits.
+//! exits. Each time it fires it appends a [`Report`] to a file in the
+//! agent's state directory; the agent journals it when it next opens a
+//! session (`understudy events` shows what the guard took away, and why).
 //!
 //! It runs in its own process group, so signals aimed at the agent's group
 //! (a terminal's Ctrl-C, `kill -STOP -PGID`) do not reach it.
@@ -42,10 +44,12 @@ pub struct Guard {
 }
 
 impl Guard {
-    /// Starts `exe fence-guard` (the `understudy` binary).
-    pub fn spawn(exe: &Path) -> io::Result<Guard> {
+    /// Starts `exe fence-guard --report REPORT` (the `understudy` binary).
+    pub fn spawn(exe: &Path, report: &Path) -> io::Result<Guard> {
         let mut child = Command::new(exe)
             .arg("fence-guard")
+            .arg("--report")
+            .arg(report)
             .stdin(Stdio::piped())
             .process_group(0)
             .spawn()
@@ -133,7 +137,7 @@ impl Held {
     /// filesystems (they are no longer busy once their users are dead) and
     /// removes the addresses, so a taken-over disk and address are no longer
     /// used here; last it stops the units, so systemd does not restart them.
-    fn fire(&mut self, why: &str) {
+    fn fire(&mut self, why: &str, report: Option<&Path>) {
         kill_all(&self.pgids);
         // A unit's processes may live in a mount namespace of their own
         // (PrivateTmp=, ProtectSystem=), out of reach of the scan below.
@@ -150,24 +154,88 @@ impl Held {
                 let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
             }
         }
-        if !users.is_empty() {
-            eprintln!("understudy fence-guard: killed processes using owned filesystems: {users:?}");
-        }
         for a in &self.addresses {
             remove_address(a);
         }
         // `stop` also cancels a restart systemd may have queued after the kill.
         let stopped_units = systemctl_all("stop", &[], &self.units, UNIT_STOP_WAIT);
+        let held = std::mem::take(self);
+        let r = Report {
+            at: clock::wall().as_millis(),
+            why: why.to_string(),
+            pgids: held.pgids,
+            units_killed: killed_units,
+            users_killed: users,
+            unmounted: held.mounts,
+            addresses_removed: held.addresses,
+            units_stopped: stopped_units,
+        };
         eprintln!(
-            "{} understudy fence-guard: {why}; killed process groups {:?}, killed units {killed_units:?}, \
-             unmounted {:?}, removed addresses {:?}, stopped units {stopped_units:?}",
-            humantime::format_rfc3339_millis(std::time::SystemTime::now()),
-            self.pgids,
-            self.mounts,
-            self.addresses
+            "{} understudy fence-guard: {}",
+            humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(r.at)),
+            r.summary()
         );
-        *self = Held::default();
+        if let Some(path) = report
+            && let Err(e) = r.append_to(path)
+        {
+            eprintln!("understudy fence-guard: cannot record this in {}: {e}", path.display());
+        }
     }
+}
+
+/// What the guard did when it fired, as recorded for the agent's journal.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    /// Wall-clock milliseconds since the Unix epoch.
+    pub at: u64,
+    pub why: String,
+    pub pgids: Vec<i32>,
+    pub units_killed: Vec<String>,
+    /// Processes killed for using an owned filesystem.
+    pub users_killed: Vec<i32>,
+    pub unmounted: Vec<String>,
+    pub addresses_removed: Vec<String>,
+    pub units_stopped: Vec<String>,
+}
+
+impl Report {
+    /// One line for logs and the journal.
+    pub fn summary(&self) -> String {
+        format!(
+            "{}; killed process groups {:?}, killed units {:?}, killed processes using owned filesystems {:?}, \
+             unmounted {:?}, removed addresses {:?}, stopped units {:?}",
+            self.why,
+            self.pgids,
+            self.units_killed,
+            self.users_killed,
+            self.unmounted,
+            self.addresses_removed,
+            self.units_stopped
+        )
+    }
+
+    fn append_to(&self, path: &Path) -> io::Result<()> {
+        let mut line = serde_json::to_vec(self).map_err(io::Error::other)?;
+        line.push(b'\n');
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        f.write_all(&line)?;
+        f.sync_all()
+    }
+}
+
+/// Takes the reports in `path` (the file is renamed away first, so a guard
+/// firing meanwhile starts a new one). Lines that do not parse are skipped.
+pub fn take_reports(path: &Path) -> io::Result<Vec<Report>> {
+    let taken = path.with_extension("taken");
+    match std::fs::rename(path, &taken) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    }
+    let text = std::fs::read_to_string(&taken)?;
+    let reports = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    std::fs::remove_file(&taken)?;
+    Ok(reports)
 }
 
 /// How long the guard waits for `systemctl kill` of all units together
@@ -247,9 +315,9 @@ fn remove_address(addr: &str) {
     }
 }
 
-/// The guard's main loop (`understudy fence-guard`). Returns when the agent
-/// is gone.
-pub fn run() -> io::Result<()> {
+/// The guard's main loop (`understudy fence-guard`), recording what it does
+/// in `report`. Returns when the agent is gone.
+pub fn run(report: Option<&Path>) -> io::Result<()> {
     let stdin = io::stdin();
     let mut deadline: Option<u64> = None;
     let mut held = Held::default();
@@ -261,7 +329,10 @@ pub fn run() -> io::Result<()> {
             && now >= d
             && !held.is_empty()
         {
-            held.fire(&format!("lease deadline passed {} ms ago without renewal", now - d));
+            held.fire(
+                &format!("lease deadline passed {} ms ago without renewal", now - d),
+                report,
+            );
         }
         let wait_ms = match deadline {
             Some(d) if !held.is_empty() => d.saturating_sub(now).clamp(1, 1_000),
@@ -281,7 +352,7 @@ pub fn run() -> io::Result<()> {
         };
         if n == 0 {
             if !held.is_empty() {
-                held.fire("the agent is gone");
+                held.fire("the agent is gone", report);
             }
             return Ok(());
         }

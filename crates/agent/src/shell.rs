@@ -22,7 +22,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use understudy_coord::{Compare, CoordError, Coordinator, KeyValue};
 use understudy_core::ClusterSpec;
-use understudy_core::agent::{Action, Agent, Entry, Event, GroupAdmin, Health, NodeRecord, Op};
+use understudy_core::agent::{Action, Agent, Entry, EntryKind, Event, GroupAdmin, Health, NodeRecord, Op};
 use understudy_core::observed::Failure;
 use understudy_core::spec::Role;
 use understudy_drivers::{Driver, DriverEnv, OpCtx, ProcessRegistry, driver_for};
@@ -109,7 +109,7 @@ pub async fn run(opts: AgentOptions, coord: Arc<dyn Coordinator>) -> Result<()> 
             "killed a process group left behind by an earlier run of this agent"
         );
     }
-    let guard = Arc::new(Guard::spawn(&opts.guard_exe)?);
+    let guard = Arc::new(Guard::spawn(&opts.guard_exe, &guard_reports(&opts))?);
     tracing::info!(pid = guard.pid(), "fence guard started");
     let owned: HashSet<String> = opts
         .spec
@@ -247,7 +247,12 @@ impl Shell {
                 op: Op::Start,
                 result: Err(_),
             } if self.guarded.remove(resource).is_some() => self.update_guard(),
-            Event::SessionOpened { lease, .. } => self.lease = Some(*lease),
+            Event::SessionOpened { lease, .. } => {
+                self.lease = Some(*lease);
+                // After a crash (this is a new run) or a stall (the session
+                // was lost), the guard may have fired: say so in the journal.
+                self.journal_guard_reports();
+            }
             Event::SessionLost { lease } if self.lease == Some(*lease) => self.lease = None,
             _ => {}
         }
@@ -543,6 +548,33 @@ impl Shell {
         }
     }
 
+    fn journal_guard_reports(&self) {
+        let path = guard_reports(&self.opts);
+        let reports = match crate::guard::take_reports(&path) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("cannot read the fence guard's reports in {}: {e}", path.display());
+                return;
+            }
+        };
+        for r in reports {
+            let at = humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(r.at));
+            let entry = Entry {
+                kind: EntryKind::GuardFired,
+                group: None,
+                resource: None,
+                message: format!("fence guard fired at {at}: {}", r.summary()),
+            };
+            tracing::warn!("{}", entry.message);
+            let record = JournalRecord {
+                at: r.at,
+                node: self.opts.node.clone(),
+                entry,
+            };
+            let _ = self.ordered.send(Ordered::Journal(json(&record)));
+        }
+    }
+
     fn update_guard(&self) {
         let (mut mounts, mut addresses, mut units) = (Vec::new(), Vec::new(), Vec::new());
         for g in self.guarded.values() {
@@ -671,6 +703,11 @@ async fn stop_leftovers(opts: &AgentOptions, drivers: &HashMap<String, Arc<dyn D
             }
         }
     }
+}
+
+/// Where the fence guard records what it did (see `guard::Report`).
+fn guard_reports(opts: &AgentOptions) -> PathBuf {
+    opts.state_dir.join("guard-reports")
 }
 
 fn agent_resource<'a>(spec: &'a ClusterSpec, name: &str) -> Option<&'a understudy_core::spec::ResourceSpec> {

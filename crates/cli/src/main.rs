@@ -107,7 +107,11 @@ enum Command {
     Demo,
     /// Internal: the fence guard process started by each agent.
     #[command(hide = true)]
-    FenceGuard,
+    FenceGuard {
+        /// Append a JSON line here each time it fires (the agent journals it).
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -121,7 +125,7 @@ fn main() -> ExitCode {
             state,
             json,
         } => definition::plan(&file, &down, &standby, state.as_deref(), json),
-        Command::FenceGuard => understudy_agent::guard::run()
+        Command::FenceGuard { report } => understudy_agent::guard::run(report.as_deref())
             .map(|()| ExitCode::SUCCESS)
             .context("fence guard"),
         Command::Demo => demo::run().map(|()| ExitCode::SUCCESS),

@@ -225,6 +225,14 @@ async fn a_paused_owner_is_fenced_before_another_node_starts_the_group() {
             .any(|e| e.node == owner && matches!(e.entry.kind, EntryKind::Fenced | EntryKind::SessionLost)),
         "the woken owner recorded that it lost its lease"
     );
+    // What the guard did is in the journal, with the guard's own time.
+    let fired: Vec<_> = journal
+        .iter()
+        .filter(|e| e.node == owner && e.entry.kind == EntryKind::GuardFired)
+        .collect();
+    assert_eq!(fired.len(), 1, "one guard report from {owner}: {fired:?}");
+    assert!(fired[0].entry.message.contains("lease deadline passed"), "{fired:?}");
+    assert_eq!(fired[0].at, killed_at, "the journal keeps the time the guard acted");
     assert_eq!(
         c.snapshot().await.owner("web"),
         Some(new_owner.as_str()),
@@ -373,4 +381,21 @@ async fn a_killed_owners_guard_kills_and_stops_its_unit_before_another_node_star
         log.contains("killed units [\"web.service\"]") && log.contains("stopped units [\"web.service\"]"),
         "the guard's report names the unit:\n{log}"
     );
+
+    // Restarted, the agent journals what its guard did while it was dead
+    // (before its first status, which comes through the same ordered writer).
+    c.agents.start(&owner).unwrap();
+    c.wait_for("the restarted node back with a session", WAIT, |s| {
+        s.status.get(&owner).is_some_and(|v| v["session"] == true)
+    })
+    .await;
+    let journal = c.journal().await;
+    let fired: Vec<_> = journal
+        .iter()
+        .filter(|e| e.node == owner && e.entry.kind == EntryKind::GuardFired)
+        .collect();
+    assert_eq!(fired.len(), 1, "one guard report from {owner}: {fired:?}");
+    let message = &fired[0].entry.message;
+    assert!(message.contains("the agent is gone"), "{message}");
+    assert!(message.contains("stopped units [\"web.service\"]"), "{message}");
 }

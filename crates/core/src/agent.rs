@@ -188,6 +188,9 @@ pub enum EntryKind {
     GaveUp,
     ShuttingDown,
     Frozen,
+    /// The node's fence guard took owned resources away (recorded by the
+    /// shell when the agent next opens a session).
+    GuardFired,
 }
 
 /// One journal entry; the shell adds node and time.
