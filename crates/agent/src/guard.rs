@@ -199,19 +199,23 @@ pub struct Report {
 }
 
 impl Report {
-    /// One line for logs and the journal.
+    /// One line for logs and the journal: why, then what was taken away
+    /// (only what there was).
     pub fn summary(&self) -> String {
-        format!(
-            "{}; killed process groups {:?}, killed units {:?}, killed processes using owned filesystems {:?}, \
-             unmounted {:?}, removed addresses {:?}, stopped units {:?}",
-            self.why,
-            self.pgids,
-            self.units_killed,
-            self.users_killed,
-            self.unmounted,
-            self.addresses_removed,
-            self.units_stopped
-        )
+        let parts = [
+            list("killed process groups", &self.pgids),
+            list("killed units", &self.units_killed),
+            list("killed processes using owned filesystems", &self.users_killed),
+            list("unmounted", &self.unmounted),
+            list("removed addresses", &self.addresses_removed),
+            list("stopped units", &self.units_stopped),
+        ];
+        let done: Vec<String> = parts.into_iter().flatten().collect();
+        if done.is_empty() {
+            format!("{}; nothing was left to take away", self.why)
+        } else {
+            format!("{}; {}", self.why, done.join(", "))
+        }
     }
 
     fn append_to(&self, path: &Path) -> io::Result<()> {
@@ -221,6 +225,10 @@ impl Report {
         f.write_all(&line)?;
         f.sync_all()
     }
+}
+
+fn list<T: std::fmt::Debug>(what: &str, items: &[T]) -> Option<String> {
+    (!items.is_empty()).then(|| format!("{what} {items:?}"))
 }
 
 /// Takes the reports in `path` (the file is renamed away first, so a guard

@@ -558,12 +558,11 @@ impl Shell {
             }
         };
         for r in reports {
-            let at = humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(r.at));
             let entry = Entry {
                 kind: EntryKind::GuardFired,
                 group: None,
                 resource: None,
-                message: format!("fence guard fired at {at}: {}", r.summary()),
+                message: format!("fence guard (recorded when the agent was back): {}", r.summary()),
             };
             tracing::warn!("{}", entry.message);
             let record = JournalRecord {

@@ -225,13 +225,16 @@ async fn a_paused_owner_is_fenced_before_another_node_starts_the_group() {
             .any(|e| e.node == owner && matches!(e.entry.kind, EntryKind::Fenced | EntryKind::SessionLost)),
         "the woken owner recorded that it lost its lease"
     );
-    // What the guard did is in the journal, with the guard's own time.
+    // What the guard did is in the journal, with the guard's own time. (It
+    // may fire again when the woken agent reports the groups it has not yet
+    // reaped under the same stale deadline: that is a second record.)
     let fired: Vec<_> = journal
         .iter()
         .filter(|e| e.node == owner && e.entry.kind == EntryKind::GuardFired)
         .collect();
-    assert_eq!(fired.len(), 1, "one guard report from {owner}: {fired:?}");
+    assert!(!fired.is_empty(), "no guard report from {owner}");
     assert!(fired[0].entry.message.contains("lease deadline passed"), "{fired:?}");
+    assert!(fired[0].entry.message.contains("killed process groups"), "{fired:?}");
     assert_eq!(fired[0].at, killed_at, "the journal keeps the time the guard acted");
     assert_eq!(
         c.snapshot().await.owner("web"),
