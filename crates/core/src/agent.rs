@@ -403,6 +403,10 @@ pub struct Agent {
     /// a more preferred node may be about to take (a cluster started all at
     /// once places groups on their preferred nodes).
     join_until: Option<Time>,
+    /// Wake up at the end of the join window to look again (a wait for a
+    /// peer ends earlier if the peer joins; it must not hold back a campaign
+    /// the way a backoff does).
+    join_wake: Option<Time>,
     leaving_sent: bool,
     exited: bool,
     retry_at: Option<Time>,
@@ -460,6 +464,7 @@ impl Agent {
             local_failures: Vec::new(),
             shutting_down: false,
             join_until: None,
+            join_wake: None,
             leaving_sent: false,
             exited: false,
             retry_at: None,
@@ -483,6 +488,9 @@ impl Agent {
     pub fn poll_timeout(&self) -> Option<Time> {
         let mut t: Option<Time> = self.retry_at;
         let mut at = |x: Time| t = Some(t.map_or(x, |y| y.min(x)));
+        if let Some(w) = self.join_wake {
+            at(w);
+        }
         for g in self.groups.values() {
             if let Some(r) = g.retry_at {
                 at(r);
@@ -1227,6 +1235,9 @@ impl Agent {
         if self.retry_at.is_some_and(|t| now.mono >= t) {
             self.retry_at = None;
         }
+        if self.join_wake.is_some_and(|t| now.mono >= t) {
+            self.join_wake = None;
+        }
         for g in self.groups.values_mut() {
             if g.retry_at.is_some_and(|t| now.mono >= t) {
                 g.retry_at = None;
@@ -1345,9 +1356,9 @@ impl Agent {
                 });
             if waiting_for_peer
                 && target_me
-                && let (Some(end), Some(g)) = (self.join_until, self.groups.get_mut(name))
+                && let Some(end) = self.join_until
             {
-                g.retry_at = Some(g.retry_at.map_or(end, |t| t.max(end)));
+                self.join_wake = Some(end);
             }
             if target_me
                 && !waiting_for_peer

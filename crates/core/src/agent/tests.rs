@@ -1300,6 +1300,34 @@ fn at_start_up_a_group_waits_for_its_preferred_node_to_join() {
     );
 }
 
+/// Found by the failover benchmark: the wait for a peer to join must end when
+/// the peer has joined, not hold the node back until the window closes.
+#[test]
+fn a_join_window_wait_ends_once_the_preferred_node_has_joined() {
+    // node2 boots before node1 registers, and waits; node1 joins and takes
+    // the group; then the group is moved to node2 (node1 let it go), still
+    // within node2's join window: node2 campaigns at once.
+    let mut h = Harness::new(spec(), "node2");
+    h.boot(5, &["node2"], &[]);
+    h.step(Event::View(view(11, &["node1", "node2"], &[("mgmt", "node1", 11)])));
+    let mut moved = view(12, &["node1", "node2"], &[]);
+    moved.group_admin.insert(
+        "mgmt".into(),
+        GroupAdmin {
+            move_to: Some("node2".into()),
+            ..GroupAdmin::default()
+        },
+    );
+    let out = h.step(Event::View(moved));
+    assert!(
+        out.contains(&Action::Campaign {
+            group: "mgmt".into(),
+            lease: 5
+        }),
+        "{out:?}"
+    );
+}
+
 /// A failed orderly stop is retried forcefully, but the node still holds its
 /// lease: renewals must keep moving the fence guard, or it would fire at the
 /// old deadline and take every owned resource away.
