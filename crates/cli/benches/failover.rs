@@ -37,41 +37,14 @@ fn bench_definition(ttl_ms: u64, monitor_ms: u64) -> String {
         )
 }
 
-/// The wall time of `node`'s first "group running" entry for web after `after`.
-async fn group_running_at(c: &TestCluster, node: &str, after: u64) -> u64 {
-    c.journal()
-        .await
-        .into_iter()
-        .filter(|e| e.node == node && e.entry.kind == EntryKind::GroupStarted && e.at >= after)
-        .map(|e| e.at)
-        .min()
-        .expect("the new owner journaled the group as running")
-}
-
 async fn crash_failovers(ttl_ms: u64) -> Vec<u64> {
     let mut c = TestCluster::new(&bench_definition(ttl_ms, 500)).await;
     c.start_all();
     let mut out = Vec::new();
     for run in 0..RUNS {
-        let snap = c
-            .wait_for("a settled cluster", WAIT, |s| {
-                s.running_on("web", &WEB).is_some() && NODES.iter().all(|n| s.view.nodes.contains_key(*n))
-            })
-            .await;
-        let owner = snap.owner("web").unwrap().to_string();
-        let t0 = common::wall_ms();
-        c.agents.signal(&owner, Signal::SIGKILL).unwrap();
-        let snap = c
-            .wait_for("web running elsewhere", WAIT, |s| {
-                s.running_on("web", &WEB).is_some_and(|n| n != owner)
-            })
-            .await;
-        let new_owner = snap.owner("web").unwrap().to_string();
-        let t1 = group_running_at(&c, &new_owner, t0).await;
-        out.push(t1 - t0);
-        eprintln!("crash run {run}: {owner} -> {new_owner} in {} ms", t1 - t0);
-        c.agents.reap();
-        c.agents.start(&owner).unwrap();
+        let (owner, new_owner, ms) = c.crash_failover(WAIT).await;
+        out.push(ms);
+        eprintln!("crash run {run}: {owner} -> {new_owner} in {ms} ms");
     }
     out
 }
@@ -98,7 +71,7 @@ async fn monitor_failovers() -> (Vec<u64>, Vec<u64>, Vec<u64>) {
             })
             .await;
         let new_owner = snap.owner("web").unwrap().to_string();
-        let t2 = group_running_at(&c, &new_owner, t0).await;
+        let t2 = c.group_running_at(&new_owner, t0).await;
         let journal = c.journal().await;
         let t1 = journal
             .iter()

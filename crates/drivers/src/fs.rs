@@ -1018,11 +1018,7 @@ async fn wait_gone(holders: &[&Holder], timeout: Duration) -> bool {
 
 impl FsDriver {
     pub fn new(resource: &str, spec: &FsSpec, env: &DriverEnv) -> Result<Self, DriverError> {
-        let bad = |message: String| DriverError::Failed {
-            op: "configure",
-            resource: resource.to_owned(),
-            message,
-        };
+        let bad = |message: String| DriverError::failed("configure", resource, message);
         if spec.device.trim().is_empty() {
             return Err(bad("`device` is empty".into()));
         }
@@ -1066,11 +1062,7 @@ impl FsDriver {
     }
 
     fn failed(&self, op: &'static str, message: impl Into<String>) -> DriverError {
-        DriverError::Failed {
-            op,
-            resource: self.resource.clone(),
-            message: message.into(),
-        }
+        DriverError::failed(op, &self.resource, message)
     }
 
     fn mountpoint(&self) -> String {

@@ -144,19 +144,11 @@ impl IpDriver {
     }
 
     fn failed(&self, op: &'static str, message: impl Into<String>) -> DriverError {
-        DriverError::Failed {
-            op,
-            resource: self.resource.clone(),
-            message: message.into(),
-        }
+        DriverError::failed(op, &self.resource, message)
     }
 
     fn timeout(&self, op: &'static str, timeout: Duration) -> DriverError {
-        DriverError::Timeout {
-            op,
-            resource: self.resource.clone(),
-            timeout,
-        }
+        DriverError::timeout(op, &self.resource, timeout)
     }
 
     fn cancel_repeat(&self) {

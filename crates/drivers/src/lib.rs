@@ -58,6 +58,26 @@ pub enum DriverError {
     Unsupported(&'static str),
 }
 
+impl DriverError {
+    /// `op` of `resource` failed, with what went wrong.
+    pub fn failed(op: &'static str, resource: &str, message: impl Into<String>) -> DriverError {
+        DriverError::Failed {
+            op,
+            resource: resource.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// `op` of `resource` ran over `timeout`.
+    pub fn timeout(op: &'static str, resource: &str, timeout: Duration) -> DriverError {
+        DriverError::Timeout {
+            op,
+            resource: resource.to_string(),
+            timeout,
+        }
+    }
+}
+
 /// Everything an operation needs to know besides the resource's own settings.
 #[derive(Clone, Debug)]
 pub struct OpCtx {

@@ -175,11 +175,7 @@ type DirId = (u64, u64);
 
 impl PostgresDriver {
     pub fn new(resource: &str, spec: &PostgresSpec, env: &DriverEnv) -> Result<Self, DriverError> {
-        let failed = |message: String| DriverError::Failed {
-            op: "configure",
-            resource: resource.to_owned(),
-            message,
-        };
+        let failed = |message: String| DriverError::failed("configure", resource, message);
         // pg_ctl pastes the data directory between double quotes into a
         // shell command line.
         if let Some(c) = spec.data_dir.chars().find(|c| matches!(c, '"' | '$' | '`' | '\\')) {
@@ -221,11 +217,7 @@ impl PostgresDriver {
     }
 
     fn failed(&self, op: &'static str, message: impl Into<String>) -> DriverError {
-        DriverError::Failed {
-            op,
-            resource: self.resource.clone(),
-            message: message.into(),
-        }
+        DriverError::failed(op, &self.resource, message)
     }
 
     fn pid_file(&self) -> PathBuf {
@@ -481,11 +473,7 @@ impl PostgresDriver {
         };
         if timed_out {
             tracing::warn!("{}: start: {message}", self.resource);
-            Err(DriverError::Timeout {
-                op: "start",
-                resource: self.resource.clone(),
-                timeout: ctx.timeout,
-            })
+            Err(DriverError::timeout("start", &self.resource, ctx.timeout))
         } else {
             Err(self.failed("start", message))
         }

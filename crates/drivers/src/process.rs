@@ -135,11 +135,7 @@ impl ProcessDriver {
     }
 
     fn failed(&self, op: &'static str, message: impl Into<String>) -> DriverError {
-        DriverError::Failed {
-            op,
-            resource: self.resource.clone(),
-            message: message.into(),
-        }
+        DriverError::failed(op, &self.resource, message)
     }
 
     /// Ends `spawned`'s group (`first`, then SIGKILL after `grace`), reaps

@@ -105,11 +105,7 @@ impl ScriptDriver {
     }
 
     fn failed(&self, op: &'static str, message: impl Into<String>) -> DriverError {
-        DriverError::Failed {
-            op,
-            resource: self.resource.clone(),
-            message: message.into(),
-        }
+        DriverError::failed(op, &self.resource, message)
     }
 
     /// Runs `argv` for `op`, bounded by `ctx.timeout`.
@@ -157,11 +153,7 @@ impl ScriptDriver {
             Outcome::Exited(exit, log) => {
                 Err(self.failed(op, format!("`{}` {exit}{}", show_argv(argv), log.tail(TAIL_LINES))))
             }
-            Outcome::TimedOut => Err(DriverError::Timeout {
-                op,
-                resource: self.resource.clone(),
-                timeout: ctx.timeout,
-            }),
+            Outcome::TimedOut => Err(DriverError::timeout(op, &self.resource, ctx.timeout)),
         }
     }
 

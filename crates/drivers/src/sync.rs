@@ -81,11 +81,7 @@ impl SyncDriver {
     }
 
     fn failed(&self, op: &'static str, message: impl Into<String>) -> DriverError {
-        DriverError::Failed {
-            op,
-            resource: self.resource.clone(),
-            message: message.into(),
-        }
+        DriverError::failed(op, &self.resource, message)
     }
 
     fn store(&self, op: &'static str) -> Result<&Arc<dyn SyncStore>, DriverError> {
@@ -160,11 +156,7 @@ impl Driver for SyncDriver {
         };
         tokio::time::timeout(ctx.timeout, work)
             .await
-            .map_err(|_| DriverError::Timeout {
-                op: "start",
-                resource: self.resource.clone(),
-                timeout: ctx.timeout,
-            })??;
+            .map_err(|_| DriverError::timeout("start", &self.resource, ctx.timeout))??;
         self.running.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
@@ -179,11 +171,7 @@ impl Driver for SyncDriver {
         }
         match tokio::time::timeout(ctx.timeout, self.push_if_changed("stop")).await {
             Ok(result) => result,
-            Err(_) => Err(DriverError::Timeout {
-                op: "stop",
-                resource: self.resource.clone(),
-                timeout: ctx.timeout,
-            }),
+            Err(_) => Err(DriverError::timeout("stop", &self.resource, ctx.timeout)),
         }
     }
 

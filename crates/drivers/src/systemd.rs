@@ -183,11 +183,11 @@ impl SystemdDriver {
     ) -> Result<Self, DriverError> {
         let unit = spec.unit.trim();
         if unit.is_empty() || unit.starts_with('-') || unit.chars().any(char::is_whitespace) {
-            return Err(DriverError::Failed {
-                op: "configure",
-                resource: resource.to_owned(),
-                message: format!("`{}` is not a unit name", spec.unit),
-            });
+            return Err(DriverError::failed(
+                "configure",
+                resource,
+                format!("`{}` is not a unit name", spec.unit),
+            ));
         }
         Ok(SystemdDriver {
             resource: resource.to_owned(),
@@ -205,19 +205,11 @@ impl SystemdDriver {
     }
 
     fn failed(&self, op: &'static str, message: impl Into<String>) -> DriverError {
-        DriverError::Failed {
-            op,
-            resource: self.resource.clone(),
-            message: message.into(),
-        }
+        DriverError::failed(op, &self.resource, message)
     }
 
     fn timeout(&self, op: &'static str, timeout: Duration) -> DriverError {
-        DriverError::Timeout {
-            op,
-            resource: self.resource.clone(),
-            timeout,
-        }
+        DriverError::timeout(op, &self.resource, timeout)
     }
 
     fn argv(&self, args: &[&str]) -> Vec<String> {

@@ -7,7 +7,7 @@
 
 use understudy_testbed::{Bed, EtcdCluster, Host};
 
-use super::{NODES, TestCluster};
+use super::{NODES, TestCluster, WEB_RESOURCES};
 
 pub const TTL_MS: u64 = 2_000;
 
@@ -37,26 +37,9 @@ fence_margin = "500ms"
 [group.web]
 monitor = { interval = "300ms", timeout = "250ms", restarts = 2, within = "1m" }
 
-[group.web.resource.database]
-kind = "process"
-command = ["./standin", "database"]
-
-[group.web.resource.app]
-kind = "process"
-command = ["./standin", "app"]
-depends_on = ["database"]
-
-[group.web.resource.frontend]
-kind = "process"
-command = ["./standin", "frontend"]
-depends_on = ["app"]
-
-[group.web.resource.metrics]
-kind = "process"
-command = ["./standin", "metrics"]
-clone = true
 "#,
     );
+    def.push_str(WEB_RESOURCES);
     def
 }
 

@@ -23,6 +23,28 @@ use understudy_core::agent::{ClusterView, EntryKind};
 
 pub const STANDIN: &str = include_str!("../../../../profiles/sigmasystemcenter-2.1/bin/standin");
 
+/// Group `web`'s processes: database <- app <- frontend, and a clone
+/// `metrics`, all stand-ins.
+pub const WEB_RESOURCES: &str = r#"[group.web.resource.database]
+kind = "process"
+command = ["./standin", "database"]
+
+[group.web.resource.app]
+kind = "process"
+command = ["./standin", "app"]
+depends_on = ["database"]
+
+[group.web.resource.frontend]
+kind = "process"
+command = ["./standin", "frontend"]
+depends_on = ["app"]
+
+[group.web.resource.metrics]
+kind = "process"
+command = ["./standin", "metrics"]
+clone = true
+"#;
+
 /// Three nodes, one group `web` (database <- app <- frontend, a clone, a
 /// monitor-only check), short timings: TTL 1 s.
 pub fn definition(ttl_ms: u64) -> String {
@@ -55,25 +77,7 @@ priority = 3
 monitor = {{ interval = "300ms", timeout = "250ms", restarts = 2, within = "1m" }}
 failover = {{ threshold = 5, within = "10m" }}
 
-[group.web.resource.database]
-kind = "process"
-command = ["./standin", "database"]
-
-[group.web.resource.app]
-kind = "process"
-command = ["./standin", "app"]
-depends_on = ["database"]
-
-[group.web.resource.frontend]
-kind = "process"
-command = ["./standin", "frontend"]
-depends_on = ["app"]
-
-[group.web.resource.metrics]
-kind = "process"
-command = ["./standin", "metrics"]
-clone = true
-
+{WEB_RESOURCES}
 [group.web.resource.health]
 kind = "script"
 status = ["/bin/true"]
@@ -235,6 +239,44 @@ impl TestCluster {
             out.extend(page.into_iter().filter_map(|(_, b)| serde_json::from_slice(&b).ok()));
         }
         out
+    }
+
+    /// The wall time of `node`'s first "group running" entry for `web` at
+    /// or after `after`.
+    pub async fn group_running_at(&self, node: &str, after: u64) -> u64 {
+        self.journal()
+            .await
+            .into_iter()
+            .filter(|e| e.node == node && e.entry.kind == EntryKind::GroupStarted && e.at >= after)
+            .map(|e| e.at)
+            .min()
+            .expect("the new owner journaled the group as running")
+    }
+
+    /// One crash failover of `web` (benchmarks): waits for a settled
+    /// cluster, `kill -9`s the owner's agent, waits for `web` to run
+    /// elsewhere, then restarts the killed agent. Returns the old owner, the
+    /// new owner and the milliseconds from the kill to the new owner's
+    /// "group running" entry.
+    pub async fn crash_failover(&mut self, wait: Duration) -> (String, String, u64) {
+        let snap = self
+            .wait_for("a settled cluster", wait, |s| {
+                s.running_on("web", &WEB).is_some() && NODES.iter().all(|n| s.view.nodes.contains_key(*n))
+            })
+            .await;
+        let owner = snap.owner("web").unwrap().to_string();
+        let t0 = wall_ms();
+        self.agents.signal(&owner, nix::sys::signal::Signal::SIGKILL).unwrap();
+        let snap = self
+            .wait_for("web running elsewhere", wait, |s| {
+                s.running_on("web", &WEB).is_some_and(|n| n != owner)
+            })
+            .await;
+        let new_owner = snap.owner("web").unwrap().to_string();
+        let t1 = self.group_running_at(&new_owner, t0).await;
+        self.agents.reap();
+        self.agents.start(&owner).unwrap();
+        (owner, new_owner, t1 - t0)
     }
 
     /// The pid recorded for `resource` in `node`'s process registry.
