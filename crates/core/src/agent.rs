@@ -659,12 +659,21 @@ impl Agent {
                 } = self.session
                     && lease == failed
                 {
-                    // Retry soon; the deadline does not move.
+                    // Retry soon, but never at once: the failed renewal was
+                    // due (`next_renew` has passed), so retrying at
+                    // `next_renew` would send the next one immediately, over
+                    // and over, while the coordinator keeps refusing. The
+                    // deadline does not move.
                     let retry = now.mono + self.renew_interval / 4;
+                    let next_renew = if next_renew > now.mono {
+                        next_renew.min(retry)
+                    } else {
+                        retry
+                    };
                     self.session = Session::Open {
                         lease,
                         deadline,
-                        next_renew: next_renew.min(retry).max(now.mono),
+                        next_renew,
                         renew_in_flight: false,
                     };
                 }

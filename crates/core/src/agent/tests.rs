@@ -1252,6 +1252,30 @@ fn an_unreachable_coordinator_is_not_hammered() {
 }
 
 #[test]
+fn a_failing_renewal_is_retried_after_a_pause_not_in_a_loop() {
+    // Regression: the retry was scheduled at `min(next_renew, retry)`, and
+    // `next_renew` had already passed, so every failure sent the next
+    // renewal at once (thousands per second against a refusing coordinator).
+    let mut h = running_owner();
+    let out = h.advance(500);
+    assert!(out.contains(&Action::Renew { lease: 7 }));
+    for attempt in 0..3 {
+        let out = h.step(Event::RenewFailed { lease: 7 });
+        assert!(
+            !out.contains(&Action::Renew { lease: 7 }),
+            "attempt {attempt}: no immediate retry: {out:?}"
+        );
+        assert_eq!(
+            h.agent.poll_timeout(),
+            Some(Time(h.mono + 125)),
+            "attempt {attempt}: retried a quarter of the renewal interval later"
+        );
+        assert!(!h.advance(124).contains(&Action::Renew { lease: 7 }));
+        assert!(h.advance(1).contains(&Action::Renew { lease: 7 }));
+    }
+}
+
+#[test]
 fn a_lost_campaign_is_not_repeated_at_once_against_a_stale_view() {
     let mut h = Harness::new(spec(), "node1");
     h.boot(7, &["node1", "node2"], &[]);
