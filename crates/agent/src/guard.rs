@@ -4,8 +4,10 @@
 //! Why a separate process: an agent that is paused (SIGSTOP, a long GC-like
 //! stall, a frozen VM thread) cannot stop anything, yet its resources keep
 //! running. The guard is told the self-fencing deadline after every renewal
-//! (`deadline MS`, CLOCK_MONOTONIC milliseconds), the process groups of
-//! owned resources (`pgids A B C`), the systemd units of owned resources
+//! (`deadline MS`, CLOCK_MONOTONIC milliseconds), the cgroups of owned
+//! resources (`cgroups C D`), the node's whole cgroup subtree
+//! (`node-cgroup N`, killed only when the agent is gone), the process
+//! groups of owned resources (`pgids A B C`), the systemd units of owned resources
 //! (`units U V`), the mount points of owned filesystems (`mounts P Q`) and
 //! the floating addresses of owned groups (`addresses A/N`). If the deadline
 //! passes without a newer one, it SIGKILLs those groups and units, unmounts
@@ -94,6 +96,18 @@ impl Guard {
         self.send(&format!("units {}\n", list.join(" ")));
     }
 
+    /// The cgroups of owned resources, replacing the previous list.
+    pub fn set_cgroups(&self, cgroups: &[String]) {
+        let list: Vec<String> = cgroups.iter().map(|c| escape(c)).collect();
+        self.send(&format!("cgroups {}\n", list.join(" ")));
+    }
+
+    /// The node's whole cgroup subtree (clones included): killed when the
+    /// agent is gone, never merely because a deadline passed.
+    pub fn set_node_cgroup(&self, dir: &str) {
+        self.send(&format!("node-cgroup {}\n", escape(dir)));
+    }
+
     /// The process groups of owned resources, replacing the previous list.
     pub fn set_pgids(&self, pgids: &[i32]) {
         let list: Vec<String> = pgids.iter().map(i32::to_string).collect();
@@ -118,6 +132,9 @@ impl Drop for Guard {
 /// What the guard must take away from this node when it fires.
 #[derive(Default)]
 struct Held {
+    /// Cgroups of owned resources (everything they started, however it
+    /// forked).
+    cgroups: Vec<String>,
     /// Process groups of owned resources.
     pgids: Vec<i32>,
     /// Systemd units of owned resources.
@@ -130,7 +147,11 @@ struct Held {
 
 impl Held {
     fn is_empty(&self) -> bool {
-        self.pgids.is_empty() && self.units.is_empty() && self.mounts.is_empty() && self.addresses.is_empty()
+        self.cgroups.is_empty()
+            && self.pgids.is_empty()
+            && self.units.is_empty()
+            && self.mounts.is_empty()
+            && self.addresses.is_empty()
     }
 
     /// Kills the processes and the units' processes, then unmounts the
@@ -138,6 +159,8 @@ impl Held {
     /// removes the addresses, so a taken-over disk and address are no longer
     /// used here; last it stops the units, so systemd does not restart them.
     fn fire(&mut self, why: &str, report: Option<&Path>) {
+        // Cgroups first: nothing in them can fork away while they die.
+        let cgroups_killed = kill_cgroups(&self.cgroups);
         kill_all(&self.pgids);
         // A unit's processes may live in a mount namespace of their own
         // (PrivateTmp=, ProtectSystem=), out of reach of the scan below.
@@ -163,6 +186,7 @@ impl Held {
         let r = Report {
             at: clock::wall().as_millis(),
             why: why.to_string(),
+            cgroups_killed,
             pgids: held.pgids,
             units_killed: killed_units,
             users_killed: users,
@@ -189,6 +213,9 @@ pub struct Report {
     /// Wall-clock milliseconds since the Unix epoch.
     pub at: u64,
     pub why: String,
+    /// Cgroups that still held processes, killed as a whole.
+    #[serde(default)]
+    pub cgroups_killed: Vec<String>,
     pub pgids: Vec<i32>,
     pub units_killed: Vec<String>,
     /// Processes killed for using an owned filesystem.
@@ -203,6 +230,7 @@ impl Report {
     /// (only what there was).
     pub fn summary(&self) -> String {
         let parts = [
+            list("killed cgroups", &self.cgroups_killed),
             list("killed process groups", &self.pgids),
             list("killed units", &self.units_killed),
             list("killed processes using owned filesystems", &self.users_killed),
@@ -329,6 +357,7 @@ pub fn run(report: Option<&Path>) -> io::Result<()> {
     let stdin = io::stdin();
     let mut deadline: Option<u64> = None;
     let mut held = Held::default();
+    let mut node_cgroup: Option<String> = None;
     let mut pending: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -359,6 +388,13 @@ pub fn run(report: Option<&Path>) -> io::Result<()> {
             Err(e) => return Err(io::Error::other(format!("read: {e}"))),
         };
         if n == 0 {
+            // Everything the agent started dies with it, clones included:
+            // the node's whole subtree joins what is held.
+            if let Some(dir) = node_cgroup.take()
+                && understudy_drivers::cgroup::populated(Path::new(&dir))
+            {
+                held.cgroups.push(dir);
+            }
             if !held.is_empty() {
                 held.fire("the agent is gone", report);
             }
@@ -371,6 +407,8 @@ pub fn run(report: Option<&Path>) -> io::Result<()> {
             let mut words = line.split_whitespace();
             match words.next() {
                 Some("deadline") => deadline = words.next().and_then(|w| w.parse().ok()),
+                Some("cgroups") => held.cgroups = words.map(unescape).collect(),
+                Some("node-cgroup") => node_cgroup = words.next().map(unescape),
                 Some("pgids") => held.pgids = words.filter_map(|w| w.parse().ok()).collect(),
                 Some("units") => held.units = words.map(unescape).collect(),
                 Some("mounts") => held.mounts = words.map(unescape).collect(),
@@ -432,6 +470,30 @@ fn kill_users_of(mountpoint: &Path) -> Vec<i32> {
         }
     }
     killed
+}
+
+/// How long the guard waits, in all, for killed cgroups to empty.
+const CGROUP_WAIT: Duration = Duration::from_secs(2);
+
+/// Kills every cgroup in `dirs` that holds processes (all at once, then
+/// waits for them together, at most [`CGROUP_WAIT`]); returns those.
+fn kill_cgroups(dirs: &[String]) -> Vec<String> {
+    use understudy_drivers::cgroup;
+    let held: Vec<&String> = dirs.iter().filter(|d| cgroup::populated(Path::new(d))).collect();
+    for d in &held {
+        if let Err(e) = cgroup::kill(Path::new(d)) {
+            eprintln!("understudy fence-guard: cannot kill the cgroup {d}: {e}");
+        }
+    }
+    let deadline = Instant::now() + CGROUP_WAIT;
+    for d in &held {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (_, emptied) = cgroup::kill_and_wait(Path::new(d), left);
+        if !emptied {
+            eprintln!("understudy fence-guard: the cgroup {d} still holds processes after SIGKILL");
+        }
+    }
+    held.into_iter().cloned().collect()
 }
 
 fn kill_all(pgids: &[i32]) {

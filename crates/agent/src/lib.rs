@@ -8,6 +8,7 @@
 
 pub mod clock;
 pub mod guard;
+pub mod instance;
 pub mod keys;
 pub mod local;
 pub mod shell;

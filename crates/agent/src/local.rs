@@ -43,6 +43,8 @@ pub struct LocalCluster {
     dir: PathBuf,
     config: PathBuf,
     agents: BTreeMap<String, Child>,
+    /// Every node started at least once: its cgroups are removed on drop.
+    started: std::collections::BTreeSet<String>,
     command: CommandFactory,
 }
 
@@ -54,6 +56,7 @@ impl LocalCluster {
             dir: dir.to_path_buf(),
             config: config.to_path_buf(),
             agents: BTreeMap::new(),
+            started: std::collections::BTreeSet::new(),
             command: Box::new(|_, exe| Command::new(exe)),
         }
     }
@@ -104,6 +107,7 @@ impl LocalCluster {
         let pid = child.id();
         fs::write(state.join("agent.pid"), format!("{pid}\n"))?;
         self.agents.insert(node.to_string(), child);
+        self.started.insert(node.to_string());
         Ok(pid)
     }
 
@@ -183,5 +187,12 @@ impl LocalCluster {
 impl Drop for LocalCluster {
     fn drop(&mut self) {
         self.kill_all();
+        // Nothing an agent started outlives the cluster, and no cgroup is
+        // left behind on the host.
+        for node in &self.started {
+            for (resource, pids, _) in understudy_drivers::cgroup::sweep(&self.state_dir(node), None) {
+                tracing::debug!("{node}: killed {pids:?} left in the cgroup of {resource}");
+            }
+        }
     }
 }

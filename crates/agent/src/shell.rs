@@ -12,6 +12,7 @@
 //! authority whose deadline has not passed on this node's monotonic clock.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,13 +23,17 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use understudy_coord::{Compare, CoordError, Coordinator, KeyValue};
 use understudy_core::ClusterSpec;
-use understudy_core::agent::{Action, Agent, Entry, EntryKind, Event, GroupAdmin, Health, NodeRecord, Op};
+use understudy_core::agent::{
+    Action, Agent, AgentIdentity, Entry, EntryKind, Event, GroupAdmin, Health, NodeRecord, Op,
+};
 use understudy_core::observed::Failure;
 use understudy_core::spec::Role;
+use understudy_drivers::cgroup::Cgroups;
 use understudy_drivers::{Driver, DriverEnv, OpCtx, ProcessRegistry, driver_for};
 
 use crate::clock;
 use crate::guard::Guard;
+use crate::instance;
 use crate::keys::{Keys, OwnerValue, build_view};
 
 /// Everything the agent needs to run.
@@ -68,6 +73,17 @@ enum Ordered {
 struct Registration {
     lease: Option<i64>,
     leaving: bool,
+    /// Who this agent is: the registration names it.
+    identity: AgentIdentity,
+}
+
+impl Registration {
+    fn record(&self) -> NodeRecord {
+        NodeRecord {
+            leaving: self.leaving,
+            agent: Some(self.identity.clone()),
+        }
+    }
 }
 
 struct Shell {
@@ -82,16 +98,20 @@ struct Shell {
     /// The status last published, and the lease it was attached to: a new
     /// session must republish even an unchanged status.
     last_status: Option<(i64, String)>,
-    /// Owned resources that hold a mount, an address or a systemd unit (from
-    /// the start being issued until a stop succeeded): the fence guard takes
-    /// them away.
+    /// Owned resources that hold a cgroup, a mount, an address or a systemd
+    /// unit (from the start being issued until a stop succeeded): the fence
+    /// guard takes them away.
     guarded: BTreeMap<String, Guarded>,
+    /// The node's cgroup subtree; `None`: process groups only.
+    cgroups: Option<Cgroups>,
 }
 
 /// A mount point, floating address or systemd unit the fence guard must
 /// take away.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Guarded {
+    /// The resource's cgroup (processes, scripts, databases).
+    Cgroup(String),
     Mount(String),
     Address(String),
     Unit(String),
@@ -100,17 +120,55 @@ enum Guarded {
 /// Runs the agent until it has moved its groups away after SIGTERM/SIGINT.
 pub async fn run(opts: AgentOptions, coord: Arc<dyn Coordinator>) -> Result<()> {
     let opts = Arc::new(opts);
-    std::fs::create_dir_all(&opts.state_dir)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&opts.state_dir)
         .with_context(|| format!("cannot create the state directory {}", opts.state_dir.display()))?;
+    // One agent per node: the lock on this host, the registration across
+    // hosts. Nothing is touched before both say this agent may run.
+    let instance_lock = instance::lock(&opts.state_dir, &opts.node)?;
+    let identity = instance::identity(&opts.state_dir)
+        .with_context(|| format!("cannot read or create {}/agent-id", opts.state_dir.display()))?;
+    let predecessor = registered_predecessor(&*coord, &opts, &identity).await?;
+    // Records for the journal made before the journal writer runs.
+    let mut early: Vec<Entry> = Vec::new();
+    let cgroups = match Cgroups::setup(&opts.state_dir, &opts.node) {
+        Ok(c) => {
+            tracing::info!(cgroup = %c.node_dir().display(), "resources are contained in cgroups");
+            Some(c)
+        }
+        Err(why) => {
+            let message = format!(
+                "no cgroup containment ({why}): resources are contained by process groups only, so a \
+                 worker that leaves its process group (setsid) can outlive a stop or the agent"
+            );
+            tracing::warn!("{message}");
+            early.push(entry(EntryKind::Containment, None, message));
+            None
+        }
+    };
+    // Leftovers of an earlier run of this node, and only of this node:
+    // its cgroups first (exact), then the recorded process groups.
+    for (resource, pids, emptied) in understudy_drivers::cgroup::sweep(&opts.state_dir, cgroups.as_ref()) {
+        let message = if emptied {
+            format!("killed processes {pids:?} an earlier run of this node left in the cgroup of {resource}")
+        } else {
+            format!("processes {pids:?} an earlier run left in the cgroup of {resource} survive SIGKILL")
+        };
+        tracing::warn!(resource, "{message}");
+        early.push(entry(EntryKind::LeftoverStopped, Some(&resource), message));
+    }
     for (resource, pgid) in understudy_drivers::registry::kill_leftovers(&opts.state_dir) {
-        tracing::warn!(
-            resource,
-            pgid,
-            "killed a process group left behind by an earlier run of this agent"
-        );
+        let message = format!("killed process group {pgid} an earlier run of this node left behind");
+        tracing::warn!(resource, "{message}");
+        early.push(entry(EntryKind::LeftoverStopped, Some(&resource), message));
     }
     let guard = Arc::new(Guard::spawn(&opts.guard_exe, &guard_reports(&opts))?);
     tracing::info!(pid = guard.pid(), "fence guard started");
+    if let Some(c) = &cgroups {
+        guard.set_node_cgroup(&c.node_dir().to_string_lossy());
+    }
     let owned: HashSet<String> = opts
         .spec
         .groups
@@ -120,17 +178,20 @@ pub async fn run(opts: AgentOptions, coord: Arc<dyn Coordinator>) -> Result<()> 
         .map(|r| r.name.clone())
         .collect();
     let guard_for_registry = Arc::clone(&guard);
-    let registry = Arc::new(ProcessRegistry::new(
-        &opts.state_dir,
-        Box::new(move |groups: &[(&str, i32)]| {
-            let pgids: Vec<i32> = groups
-                .iter()
-                .filter(|(r, _)| owned.contains(*r))
-                .map(|(_, g)| *g)
-                .collect();
-            guard_for_registry.set_pgids(&pgids);
-        }),
-    ));
+    let registry = Arc::new(
+        ProcessRegistry::new(
+            &opts.state_dir,
+            Box::new(move |groups: &[(&str, i32)]| {
+                let pgids: Vec<i32> = groups
+                    .iter()
+                    .filter(|(r, _)| owned.contains(*r))
+                    .map(|(_, g)| *g)
+                    .collect();
+                guard_for_registry.set_pgids(&pgids);
+            }),
+        )
+        .with_cgroups(cgroups.clone()),
+    );
     let env = DriverEnv {
         base_dir: opts.base_dir.clone(),
         state_dir: opts.state_dir.clone(),
@@ -164,7 +225,10 @@ pub async fn run(opts: AgentOptions, coord: Arc<dyn Coordinator>) -> Result<()> 
     }
 
     let (tx, mut rx) = unbounded_channel::<Event>();
-    let registration = Arc::new(std::sync::Mutex::new(Registration::default()));
+    let registration = Arc::new(std::sync::Mutex::new(Registration {
+        identity,
+        ..Registration::default()
+    }));
     let watcher = tokio::spawn(watch_loop(
         Arc::clone(&coord),
         opts.keys.clone(),
@@ -176,6 +240,10 @@ pub async fn run(opts: AgentOptions, coord: Arc<dyn Coordinator>) -> Result<()> 
     let writer = tokio::spawn(ordered_writer(Arc::clone(&coord), ordered_rx));
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    // SIGHUP never kills the agent. It logs to stderr (journald) and opens
+    // resource logs per operation, so there is nothing to reopen; reloading
+    // the definition comes with replicated configuration.
+    let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut agent = Agent::new(opts.spec.clone(), &opts.node);
     let mut shell = Shell {
         opts: Arc::clone(&opts),
@@ -188,8 +256,28 @@ pub async fn run(opts: AgentOptions, coord: Arc<dyn Coordinator>) -> Result<()> 
         lease: None,
         last_status: None,
         guarded: BTreeMap::new(),
+        cgroups,
     };
-    stop_leftovers(&opts, &shell.drivers).await;
+    for e in early {
+        shell.journal_now(e);
+    }
+    for e in stop_leftovers(&opts, &shell.drivers, shell.cgroups.is_some()).await {
+        shell.journal_now(e);
+    }
+    // Everything an earlier run of this node left is gone now: its session
+    // can end at once instead of a whole lease TTL later, so peers take its
+    // groups over without waiting.
+    if let Some(lease) = predecessor {
+        let message = match shell.coord.revoke(lease).await {
+            Ok(()) => format!(
+                "revoked the session (lease {lease}) of this node's earlier run after taking away what it left: \
+                 its groups are free at once"
+            ),
+            Err(e) => format!("could not revoke the session (lease {lease}) of this node's earlier run: {e}"),
+        };
+        tracing::info!("{message}");
+        shell.journal_now(entry(EntryKind::SessionLost, None, message));
+    }
     tracing::info!(node = %opts.node, cluster = %opts.spec.name, "agent started");
     agent.handle(clock::now(), Event::Tick);
     loop {
@@ -217,6 +305,10 @@ pub async fn run(opts: AgentOptions, coord: Arc<dyn Coordinator>) -> Result<()> 
             () = tokio::time::sleep(sleep) => agent.handle(clock::now(), Event::Tick),
             _ = sigterm.recv() => agent.handle(clock::now(), Event::Shutdown),
             _ = sigint.recv() => agent.handle(clock::now(), Event::Shutdown),
+            _ = sighup.recv() => tracing::info!(
+                "SIGHUP: nothing to reopen (logs go to stderr; resource logs are opened per operation); \
+                 the definition is not reloaded"
+            ),
         }
     }
     watcher.abort();
@@ -228,8 +320,87 @@ pub async fn run(opts: AgentOptions, coord: Arc<dyn Coordinator>) -> Result<()> 
     {
         tracing::warn!("could not revoke the session lease on exit: {e}");
     }
+    if let Some(c) = &shell.cgroups {
+        // Every resource is stopped; an empty subtree is not left behind.
+        understudy_drivers::cgroup::remove(c.node_dir());
+    }
     tracing::info!("agent stopped: every group moved away or stopped");
+    drop(instance_lock);
     Ok(())
+}
+
+/// The session of this node's earlier run, if its registration is still
+/// alive at the coordinator; an error if another agent registered the node.
+/// (The lock already proved no agent of this state directory runs here.)
+/// An unreachable coordinator is no reason to stop here: the registration
+/// itself is conditional.
+async fn registered_predecessor(
+    coord: &dyn Coordinator,
+    opts: &AgentOptions,
+    me: &AgentIdentity,
+) -> Result<Option<i64>> {
+    let key = opts.keys.node(&opts.node);
+    let kv = match tokio::time::timeout(opts.spec.settings.lease_ttl, coord.get(&key)).await {
+        Ok(Ok(kv)) => kv,
+        Ok(Err(e)) => {
+            tracing::warn!("cannot check this node's registration at start-up: {e}");
+            return Ok(None);
+        }
+        Err(_) => {
+            tracing::warn!("checking this node's registration at start-up timed out");
+            return Ok(None);
+        }
+    };
+    let Some(kv) = kv else { return Ok(None) };
+    let Some(lease) = kv.lease else { return Ok(None) };
+    let record: NodeRecord = serde_json::from_slice(&kv.value).unwrap_or_default();
+    match record.agent {
+        Some(other) if other.instance != me.instance => Err(instance::Refused::RegisteredElsewhere {
+            node: opts.node.clone(),
+            host: other.host,
+            pid: other.pid,
+        }
+        .into()),
+        _ => Ok(Some(lease)),
+    }
+}
+
+/// Why the node's registration could not be made.
+enum RegisterError {
+    Coord(CoordError),
+    /// Another agent's live registration holds the key.
+    Taken(AgentIdentity),
+}
+
+/// Registers the node on `lease`, unless another agent's registration holds
+/// the key (one of this agent's, from an earlier session or run, is
+/// replaced).
+async fn register(coord: &dyn Coordinator, key: &str, record: &NodeRecord, lease: i64) -> Result<(), RegisterError> {
+    let me = record.agent.as_ref().map(|a| a.instance.as_str());
+    let value = json(record);
+    let mut cond = Compare::Absent;
+    for _ in 0..5 {
+        match coord
+            .put_if(key, &value, Some(lease), cond)
+            .await
+            .map_err(RegisterError::Coord)?
+        {
+            Ok(_) => return Ok(()),
+            Err(None) => cond = Compare::Absent,
+            Err(Some(current)) => {
+                let theirs: NodeRecord = serde_json::from_slice(&current.value).unwrap_or_default();
+                match theirs.agent {
+                    Some(other) if current.lease.is_some() && Some(other.instance.as_str()) != me => {
+                        return Err(RegisterError::Taken(other));
+                    }
+                    _ => cond = Compare::ModRevision(current.mod_revision),
+                }
+            }
+        }
+    }
+    Err(RegisterError::Coord(CoordError::Other(format!(
+        "{key} kept changing under us"
+    ))))
 }
 
 impl Shell {
@@ -279,27 +450,40 @@ impl Shell {
         let node = self.opts.node.clone();
         let settings = self.opts.spec.settings.clone();
         match action {
-            Action::OpenSession => self.spawn(async move {
-                let sent_at = clock::mono();
-                let open = async {
-                    let lease = coord.grant(settings.lease_ttl).await?;
-                    coord
-                        .put(&keys.node(&node), &json(&NodeRecord::default()), Some(lease))
-                        .await?;
-                    Ok::<_, CoordError>(lease)
-                };
-                Some(match tokio::time::timeout(settings.lease_ttl, open).await {
-                    Ok(Ok(lease)) => Event::SessionOpened { lease, sent_at },
-                    Ok(Err(e)) => {
-                        tracing::warn!("cannot open a session: {e}");
-                        Event::SessionOpenFailed
-                    }
-                    Err(_) => {
-                        tracing::warn!("opening a session timed out");
-                        Event::SessionOpenFailed
-                    }
-                })
-            }),
+            Action::OpenSession => {
+                let record = lock(&self.registration).record();
+                self.spawn(async move {
+                    let sent_at = clock::mono();
+                    let open = async {
+                        let lease = coord.grant(settings.lease_ttl).await.map_err(RegisterError::Coord)?;
+                        if let Err(e) = register(&*coord, &keys.node(&node), &record, lease).await {
+                            let _ = coord.revoke(lease).await;
+                            return Err(e);
+                        }
+                        Ok::<_, RegisterError>(lease)
+                    };
+                    Some(match tokio::time::timeout(settings.lease_ttl, open).await {
+                        Ok(Ok(lease)) => Event::SessionOpened { lease, sent_at },
+                        Ok(Err(RegisterError::Coord(e))) => {
+                            tracing::warn!("cannot open a session: {e}");
+                            Event::SessionOpenFailed
+                        }
+                        Ok(Err(RegisterError::Taken(other))) => {
+                            tracing::error!(
+                                "node {node} is registered by another agent (host {}, pid {}): not joining \
+                             while that registration lives; stop the other agent",
+                                other.host,
+                                other.pid
+                            );
+                            Event::SessionOpenFailed
+                        }
+                        Err(_) => {
+                            tracing::warn!("opening a session timed out");
+                            Event::SessionOpenFailed
+                        }
+                    })
+                });
+            }
             Action::Renew { lease } => self.spawn(async move {
                 let sent_at = clock::mono();
                 // Leave time to retry once before the self-fencing deadline
@@ -376,7 +560,7 @@ impl Shell {
                 // The guard must be able to take a mount, an address or a
                 // unit away from the moment the start may have created it.
                 if authority.is_some()
-                    && let Some(g) = spec.and_then(guarded_of)
+                    && let Some(g) = spec.and_then(|r| guarded_of(r, self.cgroups.as_ref()))
                 {
                     self.guarded.insert(resource.clone(), g);
                     self.update_guard();
@@ -518,10 +702,13 @@ impl Shell {
                 None
             }),
             Action::SetLeaving => {
-                lock(&self.registration).leaving = true;
+                let record = {
+                    let mut r = lock(&self.registration);
+                    r.leaving = true;
+                    r.record()
+                };
                 let Some(lease) = self.lease else { return };
                 self.spawn(async move {
-                    let record = NodeRecord { leaving: true };
                     if let Err(e) = coord.put(&keys.node(&node), &json(&record), Some(lease)).await {
                         tracing::warn!("could not mark this node as leaving: {e}");
                     }
@@ -574,15 +761,27 @@ impl Shell {
         }
     }
 
+    /// Sends a journal record now (it needs no session).
+    fn journal_now(&self, e: Entry) {
+        let record = JournalRecord {
+            at: clock::wall().as_millis(),
+            node: self.opts.node.clone(),
+            entry: e,
+        };
+        let _ = self.ordered.send(Ordered::Journal(json(&record)));
+    }
+
     fn update_guard(&self) {
-        let (mut mounts, mut addresses, mut units) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut mounts, mut addresses, mut units, mut cgroups) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for g in self.guarded.values() {
             match g {
+                Guarded::Cgroup(c) => cgroups.push(c.clone()),
                 Guarded::Mount(m) => mounts.push(m.clone()),
                 Guarded::Address(a) => addresses.push(a.clone()),
                 Guarded::Unit(u) => units.push(u.clone()),
             }
         }
+        self.guard.set_cgroups(&cgroups);
         self.guard.set_mounts(&mounts);
         self.guard.set_addresses(&addresses);
         self.guard.set_units(&units);
@@ -663,8 +862,13 @@ async fn ordered_writer(coord: Arc<dyn Coordinator>, mut rx: tokio::sync::mpsc::
 /// The mount, address or unit a resource holds, for the fence guard. (A
 /// process's group reaches the guard from the driver registry; a script's
 /// daemon is invisible to it.)
-fn guarded_of(r: &understudy_core::spec::ResourceSpec) -> Option<Guarded> {
+fn guarded_of(r: &understudy_core::spec::ResourceSpec, cgroups: Option<&Cgroups>) -> Option<Guarded> {
     match &r.kind {
+        understudy_core::spec::Kind::Process(_)
+        | understudy_core::spec::Kind::Script(_)
+        | understudy_core::spec::Kind::Postgres(_) => {
+            cgroups.map(|c| Guarded::Cgroup(c.dir(&r.name).to_string_lossy().into_owned()))
+        }
         understudy_core::spec::Kind::Fs(f) => Some(Guarded::Mount(f.mountpoint.clone())),
         understudy_core::spec::Kind::Ip(i) => Some(Guarded::Address(i.address.to_string())),
         understudy_core::spec::Kind::Systemd(u) => Some(Guarded::Unit(u.unit.clone())),
@@ -675,7 +879,20 @@ fn guarded_of(r: &understudy_core::spec::ResourceSpec) -> Option<Guarded> {
 /// At start-up nothing runs here with authority yet: whatever the drivers
 /// find running (an address still on the interface, a filesystem still
 /// mounted, a database an earlier run left) is stopped, dependents first.
-async fn stop_leftovers(opts: &AgentOptions, drivers: &HashMap<String, Arc<dyn Driver>>) {
+/// Returns a journal record for each.
+///
+/// With cgroups, the kinds that run processes (`process`, `postgres`) were
+/// swept exactly before (their cgroups); probing them here could find what
+/// another node on the same host runs from the same files, so they are
+/// left out. Addresses and mounts belong to the whole host: on a host that
+/// runs several nodes of one cluster (a demo), an address or mount another
+/// node holds is found here too (see the operations guide).
+async fn stop_leftovers(
+    opts: &AgentOptions,
+    drivers: &HashMap<String, Arc<dyn Driver>>,
+    contained: bool,
+) -> Vec<Entry> {
+    let mut stopped = Vec::new();
     let catalog = understudy_core::graph::Catalog::new(&opts.spec);
     for g in &opts.spec.groups {
         let order = catalog.group_order(g).unwrap_or_default();
@@ -684,6 +901,14 @@ async fn stop_leftovers(opts: &AgentOptions, drivers: &HashMap<String, Arc<dyn D
             let (Some(driver), Some(r)) = (drivers.get(name), g.resource(name)) else {
                 continue;
             };
+            if contained
+                && matches!(
+                    r.kind,
+                    understudy_core::spec::Kind::Process(_) | understudy_core::spec::Kind::Postgres(_)
+                )
+            {
+                continue;
+            }
             let ctx = OpCtx {
                 node: opts.node.clone(),
                 group: g.name.clone(),
@@ -696,11 +921,28 @@ async fn stop_leftovers(opts: &AgentOptions, drivers: &HashMap<String, Arc<dyn D
                     resource = name,
                     "found running from an earlier run: stopping it"
                 );
-                if let Err(e) = driver.stop(&ctx).await {
-                    tracing::error!(group = g.name, resource = name, "could not stop a leftover: {e}");
-                }
+                let message = match driver.stop(&ctx).await {
+                    Ok(()) => "found running from an earlier run of this node: stopped".to_owned(),
+                    Err(e) => {
+                        tracing::error!(group = g.name, resource = name, "could not stop a leftover: {e}");
+                        format!("found running from an earlier run of this node; stopping it failed: {e}")
+                    }
+                };
+                let mut e = entry(EntryKind::LeftoverStopped, Some(name), message);
+                e.group = Some(g.name.clone());
+                stopped.push(e);
             }
         }
+    }
+    stopped
+}
+
+fn entry(kind: EntryKind, resource: Option<&str>, message: String) -> Entry {
+    Entry {
+        kind,
+        group: None,
+        resource: resource.map(str::to_string),
+        message,
     }
 }
 
@@ -769,19 +1011,25 @@ async fn repair_registration(
     registration: &std::sync::Mutex<Registration>,
     map: &BTreeMap<String, KeyValue>,
 ) {
-    let (lease, leaving) = {
+    let (lease, record) = {
         let r = lock(registration);
-        (r.lease, r.leaving)
+        (r.lease, r.record())
     };
     let Some(lease) = lease else { return };
     let key = keys.node(node);
     let ok = map.get(&key).is_some_and(|kv| {
-        kv.lease == Some(lease) && serde_json::from_slice::<NodeRecord>(&kv.value).is_ok_and(|r| r.leaving == leaving)
+        kv.lease == Some(lease) && serde_json::from_slice::<NodeRecord>(&kv.value).is_ok_and(|r| r == record)
     });
     if !ok {
         tracing::info!("re-registering this node on its current session");
-        if let Err(e) = coord.put(&key, &json(&NodeRecord { leaving }), Some(lease)).await {
-            tracing::warn!("could not re-register this node: {e}");
+        match register(coord, &key, &record, lease).await {
+            Ok(()) => {}
+            Err(RegisterError::Coord(e)) => tracing::warn!("could not re-register this node: {e}"),
+            Err(RegisterError::Taken(other)) => tracing::error!(
+                "this node's registration was taken by another agent (host {}, pid {}): not re-registering",
+                other.host,
+                other.pid
+            ),
         }
     }
 }

@@ -52,7 +52,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run this node's agent (foreground; SIGTERM moves its groups away, then exits).
+    /// Run this node's agent (foreground; SIGTERM moves its groups away, then
+    /// exits). Exits 3, touching nothing, when another agent already runs
+    /// this node (on this host or registered from another).
     Agent {
         /// The cluster definition (default: $UNDERSTUDY_CONFIG, a running demo's, /etc/understudy/cluster.toml).
         #[arg(long, value_name = "FILE")]
@@ -183,7 +185,7 @@ fn agent(config: Option<PathBuf>, node: String, state_dir: Option<PathBuf>) -> R
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = context::runtime()?;
-    rt.block_on(async {
+    let result = rt.block_on(async {
         let cluster = context::open(config.as_deref()).await?;
         if !cluster.spec.nodes.iter().any(|n| n.name == node) {
             let known: Vec<&str> = cluster.spec.nodes.iter().map(|n| n.name.as_str()).collect();
@@ -202,6 +204,14 @@ fn agent(config: Option<PathBuf>, node: String, state_dir: Option<PathBuf>) -> R
             keys: cluster.keys,
         };
         understudy_agent::run(opts, Arc::clone(&cluster.coord)).await
-    })?;
-    Ok(ExitCode::SUCCESS)
+    });
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) if e.downcast_ref::<understudy_agent::instance::Refused>().is_some() => {
+            // Refused before touching anything: another agent runs this node.
+            eprintln!("understudy: {e:#}");
+            Ok(ExitCode::from(understudy_agent::instance::EXIT_ALREADY_RUNNING))
+        }
+        Err(e) => Err(e),
+    }
 }

@@ -51,6 +51,20 @@ pub struct NodeRecord {
     /// The agent is shutting down and moving its groups away.
     #[serde(default)]
     pub leaving: bool,
+    /// The agent process that registered the node (a second agent for the
+    /// node is refused). `None` in records of older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentIdentity>,
+}
+
+/// Which agent process runs a node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentIdentity {
+    pub host: String,
+    pub pid: u32,
+    /// Kept in the agent's state directory: the same across restarts of
+    /// one node's agent, different for any other agent.
+    pub instance: String,
 }
 
 /// A group's owner key: who holds it and the key's create revision (the
@@ -191,6 +205,13 @@ pub enum EntryKind {
     /// The node's fence guard took owned resources away (recorded by the
     /// shell when the agent next opens a session).
     GuardFired,
+    /// At start-up, the agent found something an earlier run of this node
+    /// left running (processes in its cgroups, a mount, an address) and
+    /// stopped it.
+    LeftoverStopped,
+    /// How the node contains what its resources start (cgroups, or the
+    /// process-group fallback and why).
+    Containment,
 }
 
 /// One journal entry; the shell adds node and time.

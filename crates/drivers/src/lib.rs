@@ -15,6 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use understudy_core::spec::{Kind, ResourceSpec};
 
+pub mod cgroup;
 mod check;
 pub mod fs;
 pub mod ip;

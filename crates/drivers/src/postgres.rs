@@ -303,7 +303,15 @@ impl PostgresDriver {
         let mut argv = vec![self.bin_dir()?.join("pg_ctl").to_string_lossy().into_owned()];
         argv.extend(args.iter().cloned());
         log.header(&format!("{what} {}: {}", self.resource, show_argv(&argv)));
-        let mut cmd = self.launch.command(&argv, ctx, &[])?;
+        // `pg_ctl start` runs in the resource's cgroup, so the postmaster it
+        // daemonizes and every backend are contained (stop and the guard
+        // kill the cgroup as a whole).
+        let cgroup = if watch {
+            self.registry.cgroup_entry(&self.resource)?
+        } else {
+            None
+        };
+        let mut cmd = self.launch.command_in(&argv, ctx, &[], cgroup)?;
         cmd.stdout(log.stdio()?).stderr(log.stdio()?);
         let spawned = Spawned::spawn(&mut cmd).map_err(|e| format!("cannot run `{}`: {e}", argv[0]))?;
         drop(cmd);
@@ -707,12 +715,17 @@ impl Driver for PostgresDriver {
 
     async fn stop(&self, ctx: &OpCtx) -> Result<(), DriverError> {
         let _op = self.op.lock().await;
-        if self.server() == Server::Down {
-            self.forget();
-            return Ok(());
+        if self.server() != Server::Down {
+            let mut log = Log::open(&self.log_path).map_err(|e| self.failed("stop", e))?;
+            self.shutdown(ctx, ctx.timeout, &mut log)
+                .await
+                .map_err(|e| self.failed("stop", e))?;
         }
-        let mut log = Log::open(&self.log_path).map_err(|e| self.failed("stop", e))?;
-        self.shutdown(ctx, ctx.timeout, &mut log)
+        self.forget();
+        // Whatever the server left in its cgroup (a child of an archive or
+        // restore command, a backend on its way out) goes with it.
+        self.registry
+            .kill_cgroup(&self.resource)
             .await
             .map_err(|e| self.failed("stop", e))
     }

@@ -141,7 +141,16 @@ impl ProcessDriver {
     /// Ends `spawned`'s group (`first`, then SIGKILL after `grace`), reaps
     /// it and forgets it. On failure it is handed back.
     async fn finish(&self, spawned: Spawned, first: Signal, grace: Duration) -> Result<(), (Spawned, String)> {
-        match spawned.terminate(first, grace).await {
+        let ended = match spawned.terminate(first, grace).await {
+            // A worker that left the process group (setsid) is still in the
+            // resource's cgroup: it goes too, before the leader is reaped.
+            Ok(exit) => match self.registry.kill_cgroup(&self.resource).await {
+                Ok(()) => Ok(exit),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        match ended {
             Ok(exit) => {
                 tracing::debug!("{}: process {} {exit}", self.resource, spawned.pid());
                 spawned.reap().await;
@@ -158,7 +167,8 @@ impl ProcessDriver {
 
     async fn spawn(&self, ctx: &OpCtx) -> Result<(Spawned, Log), String> {
         let mut log = Log::open(&self.log_path)?;
-        let mut cmd = self.launch.command(&self.spec.command, ctx, &[])?;
+        let cgroup = self.registry.cgroup_entry(&self.resource)?;
+        let mut cmd = self.launch.command_in(&self.spec.command, ctx, &[], cgroup)?;
         log.header(&format!(
             "starting {}: {}",
             self.resource,

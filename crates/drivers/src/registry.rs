@@ -22,6 +22,7 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -30,6 +31,7 @@ use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
+use crate::cgroup::Cgroups;
 use crate::procfs;
 
 /// Name of the registry file inside the state directory.
@@ -60,6 +62,9 @@ pub struct ProcessRegistry {
     file: PathBuf,
     on_change: OnChange,
     entries: Mutex<Vec<Entry>>,
+    /// The node's cgroup subtree, when the host has one: drivers start each
+    /// resource's commands in its own cgroup and kill it as a whole.
+    cgroups: Option<Cgroups>,
 }
 
 impl std::fmt::Debug for ProcessRegistry {
@@ -84,7 +89,38 @@ impl ProcessRegistry {
             file: registry_file(state_dir),
             on_change,
             entries: Mutex::new(Vec::new()),
+            cgroups: None,
         }
+    }
+
+    /// Contains resources in cgroups under `cgroups` (see [`crate::cgroup`]).
+    #[must_use]
+    pub fn with_cgroups(mut self, cgroups: Option<Cgroups>) -> Self {
+        self.cgroups = cgroups;
+        self
+    }
+
+    /// The node's cgroup subtree; `None`: process groups only.
+    pub fn cgroups(&self) -> Option<&Cgroups> {
+        self.cgroups.as_ref()
+    }
+
+    /// The cgroup entry for a command of `resource` that must be contained
+    /// (`None` without cgroups). Errors say which file.
+    pub(crate) fn cgroup_entry(&self, resource: &str) -> Result<Option<std::os::fd::OwnedFd>, String> {
+        self.cgroups.as_ref().map(|c| c.entry(resource)).transpose()
+    }
+
+    /// Kills whatever is left in `resource`'s cgroup (a worker that left
+    /// the process group, a daemon a script started) and waits until it is
+    /// empty. Without cgroups there is nothing more to do.
+    pub(crate) async fn kill_cgroup(&self, resource: &str) -> Result<(), String> {
+        let Some(c) = &self.cgroups else { return Ok(()) };
+        let killed = c.kill_resource(resource).await?;
+        if !killed.is_empty() {
+            tracing::info!("{resource}: killed {killed:?} left in its cgroup");
+        }
+        Ok(())
     }
 
     /// Records that `resource` runs as process group `pgid` (replacing an
@@ -174,16 +210,32 @@ fn parse(text: &str, file: &Path) -> Vec<Entry> {
     entries
 }
 
+/// Writes `text` to `file` atomically (temporary file + rename), readable
+/// by its owner only (0600); creates the directory (0700) if needed.
+pub(crate) fn write_private(file: &Path, text: &str) -> io::Result<()> {
+    write_atomically(file, text)
+}
+
 fn write_atomically(file: &Path, text: &str) -> io::Result<()> {
     let context =
         |what: &str, path: &Path, e: io::Error| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()));
     if let Some(dir) = file.parent() {
-        fs::create_dir_all(dir).map_err(|e| context("cannot create directory", dir, e))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| context("cannot create directory", dir, e))?;
     }
     let mut tmp_name = file.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
-    let mut f = fs::File::create(&tmp).map_err(|e| context("cannot create", &tmp, e))?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| context("cannot create", &tmp, e))?;
     f.write_all(text.as_bytes())
         .map_err(|e| context("cannot write", &tmp, e))?;
     drop(f);
@@ -212,8 +264,11 @@ pub fn kill_leftovers(state_dir: &Path) -> Vec<(String, i32)> {
     let mut killed = Vec::new();
     for e in parse(&text, &file) {
         let Some(recorded) = e.start_time else { continue };
-        if procfs::start_time(e.pgid) != Some(recorded) {
-            continue;
+        // Gone, a stranger's now, or a zombie (already killed, e.g. with
+        // its cgroup): nothing to do.
+        match procfs::stat(e.pgid) {
+            Some(st) if st.start_time == recorded && st.is_live() => {}
+            _ => continue,
         }
         match killpg(Pid::from_raw(e.pgid), Signal::SIGKILL) {
             Ok(()) | Err(Errno::ESRCH) => {

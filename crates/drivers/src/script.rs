@@ -111,7 +111,14 @@ impl ScriptDriver {
     /// Runs `argv` for `op`, bounded by `ctx.timeout`.
     async fn run(&self, op: &'static str, argv: &[String], ctx: &OpCtx) -> Result<Outcome, String> {
         let mut log = Log::open(&self.log_path)?;
-        let mut cmd = self.launch.command(argv, ctx, &[("UNDERSTUDY_OP", op)])?;
+        // A start runs in the resource's cgroup, so a daemon it leaves
+        // behind is contained; status and stop run beside it.
+        let cgroup = if op == "start" {
+            self.registry.cgroup_entry(&self.resource)?
+        } else {
+            None
+        };
+        let mut cmd = self.launch.command_in(argv, ctx, &[("UNDERSTUDY_OP", op)], cgroup)?;
         // Status runs every monitor interval: no header, the log stays readable.
         if op != "status" {
             log.header(&format!("{op} {}: {}", self.resource, show_argv(argv)));
@@ -198,7 +205,11 @@ impl Driver for ScriptDriver {
         }
         self.change("stop", &self.spec.stop, ctx).await?;
         self.started.store(false, Ordering::SeqCst);
-        Ok(())
+        // Whatever the start left behind that the stop command did not end.
+        self.registry
+            .kill_cgroup(&self.resource)
+            .await
+            .map_err(|e| self.failed("stop", e))
     }
 
     async fn monitor(&self, ctx: &OpCtx) -> Health {

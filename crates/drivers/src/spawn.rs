@@ -15,6 +15,7 @@ use std::ffi::CString;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
@@ -85,6 +86,19 @@ impl Launch {
         ctx: &OpCtx,
         extra: &[(&str, &str)],
     ) -> Result<tokio::process::Command, String> {
+        self.command_in(argv, ctx, extra, None)
+    }
+
+    /// [`Launch::command`], and the child enters the cgroup whose
+    /// `cgroup.procs` is `cgroup` (see [`crate::cgroup`]) before anything
+    /// else, so everything it forks is born inside.
+    pub(crate) fn command_in(
+        &self,
+        argv: &[String],
+        ctx: &OpCtx,
+        extra: &[(&str, &str)],
+        cgroup: Option<OwnedFd>,
+    ) -> Result<tokio::process::Command, String> {
         let Some((first, args)) = argv.split_first() else {
             return Err("empty command".into());
         };
@@ -124,27 +138,32 @@ impl Launch {
             cmd.env(k, v);
         }
         let parent = Pid::from_raw(i32::try_from(std::process::id()).map_err(|_| "pid out of range".to_owned())?);
-        install_child_setup(&mut cmd, parent, creds);
+        install_child_setup(&mut cmd, parent, creds, cgroup);
         Ok(cmd)
     }
 }
 
 /// Arranges for [`child_setup`] to run in the child between fork and exec.
 #[allow(unsafe_code)]
-fn install_child_setup(cmd: &mut tokio::process::Command, parent: Pid, creds: Option<Creds>) {
+fn install_child_setup(cmd: &mut tokio::process::Command, parent: Pid, creds: Option<Creds>, cgroup: Option<OwnedFd>) {
     // SAFETY: the closure runs in the forked child, where only
     // async-signal-safe operations are allowed. `child_setup` makes only
-    // direct system calls (setsid, setgroups, setgid, setuid, prctl,
+    // direct system calls (write, setsid, setgroups, setgid, setuid, prctl,
     // getppid) on data prepared before the fork, and on failure builds an
     // `io::Error` from a raw errno, which does not allocate. It takes no
     // locks and allocates no memory.
     unsafe {
-        cmd.pre_exec(move || child_setup(parent, creds.as_ref()));
+        cmd.pre_exec(move || child_setup(parent, creds.as_ref(), cgroup.as_ref()));
     }
 }
 
-/// In the child: new session, user switch, death signal, parent check.
-fn child_setup(parent: Pid, creds: Option<&Creds>) -> io::Result<()> {
+/// In the child: cgroup, new session, user switch, death signal, parent check.
+fn child_setup(parent: Pid, creds: Option<&Creds>, cgroup: Option<&OwnedFd>) -> io::Result<()> {
+    // First, while still root: writing `0` to `cgroup.procs` moves the
+    // writer itself.
+    if let Some(fd) = cgroup {
+        nix::unistd::write(fd, b"0")?;
+    }
     setsid()?;
     if let Some(c) = creds {
         setgroups(&c.groups)?;

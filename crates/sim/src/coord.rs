@@ -119,7 +119,14 @@ impl Coord {
         if !self.leases.contains_key(&lease) {
             return false;
         }
-        self.put(Key::Node(node.into()), Value::Node(NodeRecord { leaving }), Some(lease));
+        self.put(
+            Key::Node(node.into()),
+            Value::Node(NodeRecord {
+                leaving,
+                ..NodeRecord::default()
+            }),
+            Some(lease),
+        );
         true
     }
 
@@ -251,7 +258,14 @@ impl Coord {
         if kv.lease != Some(lease) || matches!(&kv.value, Value::Node(r) if r.leaving) {
             return false;
         }
-        self.put(key, Value::Node(NodeRecord { leaving: true }), Some(lease));
+        self.put(
+            key,
+            Value::Node(NodeRecord {
+                leaving: true,
+                ..NodeRecord::default()
+            }),
+            Some(lease),
+        );
         true
     }
 

@@ -87,8 +87,10 @@ monitor_only = true
 }
 
 pub struct TestCluster {
-    pub dir: tempfile::TempDir,
+    // Dropped first: the agents are stopped and their cgroups removed
+    // while the state directories still say where those are.
     pub agents: LocalCluster,
+    pub dir: tempfile::TempDir,
     pub coord: Arc<dyn Coordinator>,
     pub keys: Keys,
 }
