@@ -41,13 +41,83 @@ use crate::clock;
 
 /// The agent's handle on its guard.
 pub struct Guard {
+    exe: std::path::PathBuf,
+    report: std::path::PathBuf,
     child: Mutex<Child>,
     stdin: Mutex<ChildStdin>,
+    /// The last line sent for each command word, in the order a new guard
+    /// must be told (what it holds first, the deadline last).
+    last: Mutex<Vec<(&'static str, String)>>,
 }
+
+/// Whether the guard process still runs.
+#[derive(Debug, PartialEq, Eq)]
+pub enum GuardHealth {
+    Running,
+    /// It exited or was killed: how.
+    Dead(String),
+}
+
+/// The order a restarted guard is told what its predecessor knew.
+const WORDS: [&str; 7] = [
+    "node-cgroup",
+    "cgroups",
+    "pgids",
+    "units",
+    "mounts",
+    "addresses",
+    "deadline",
+];
 
 impl Guard {
     /// Starts `exe fence-guard --report REPORT` (the `understudy` binary).
     pub fn spawn(exe: &Path, report: &Path) -> io::Result<Guard> {
+        let (child, stdin) = Self::start(exe, report)?;
+        Ok(Guard {
+            exe: exe.to_path_buf(),
+            report: report.to_path_buf(),
+            child: Mutex::new(child),
+            stdin: Mutex::new(stdin),
+            last: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Whether the guard still runs (does not block).
+    pub fn health(&self) -> GuardHealth {
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        match child.try_wait() {
+            Ok(None) => GuardHealth::Running,
+            Ok(Some(status)) => GuardHealth::Dead(status.to_string()),
+            Err(e) => GuardHealth::Dead(format!("cannot wait for it: {e}")),
+        }
+    }
+
+    /// Starts a new guard in place of a dead one and tells it everything
+    /// the old one was told (what is held, then the deadline). Returns the
+    /// new guard's pid.
+    pub fn restart(&self) -> io::Result<u32> {
+        let (child, stdin) = Self::start(&self.exe, &self.report)?;
+        let pid = child.id();
+        {
+            let mut old = self.child.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = old.wait();
+            *old = child;
+        }
+        *self.stdin.lock().unwrap_or_else(|p| p.into_inner()) = stdin;
+        let mut lines: Vec<String> = {
+            let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            WORDS
+                .iter()
+                .filter_map(|w| last.iter().find(|(k, _)| k == w).map(|(_, l)| l.clone()))
+                .collect()
+        };
+        for line in lines.drain(..) {
+            self.write(&line)?;
+        }
+        Ok(pid)
+    }
+
+    fn start(exe: &Path, report: &Path) -> io::Result<(Child, ChildStdin)> {
         let mut child = Command::new(exe)
             .arg("fence-guard")
             .arg("--report")
@@ -60,16 +130,28 @@ impl Guard {
             .stdin
             .take()
             .ok_or_else(|| io::Error::other("the fence guard has no stdin pipe"))?;
-        Ok(Guard {
-            child: Mutex::new(child),
-            stdin: Mutex::new(stdin),
-        })
+        Ok((child, stdin))
     }
 
-    fn send(&self, line: &str) {
+    fn write(&self, line: &str) -> io::Result<()> {
         let mut stdin = self.stdin.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = stdin.write_all(line.as_bytes()).and_then(|()| stdin.flush()) {
-            tracing::error!("cannot reach the fence guard: {e}");
+        stdin.write_all(line.as_bytes()).and_then(|()| stdin.flush())
+    }
+
+    /// Sends a command and remembers it for a restarted guard. A guard
+    /// that cannot be reached is dead: [`Guard::health`] says so and the
+    /// agent replaces it (no log line per failed write).
+    fn send(&self, line: &str) {
+        let word = WORDS.iter().find(|w| line.split_whitespace().next() == Some(**w));
+        if let Some(word) = word {
+            let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            match last.iter_mut().find(|(k, _)| k == word) {
+                Some(slot) => slot.1 = line.to_owned(),
+                None => last.push((word, line.to_owned())),
+            }
+        }
+        if let Err(e) = self.write(line) {
+            tracing::debug!("cannot reach the fence guard: {e}");
         }
     }
 
@@ -166,19 +248,27 @@ impl Held {
         // (PrivateTmp=, ProtectSystem=), out of reach of the scan below.
         let killed_units = systemctl_all("kill", &["--signal=SIGKILL"], &self.units, UNIT_KILL_WAIT);
         let mut users = Vec::new();
+        let (mut unmounted, mut detached) = (Vec::new(), Vec::new());
         for m in &self.mounts {
             // Whatever still uses the disk (a database's backends are
             // process-group leaders of their own) dies before the unmount.
             users.extend(kill_users_of(Path::new(m)));
             // A plain unmount flushes and finishes now; if something survived
             // SIGKILL (stuck in the kernel on a hung disk) it is busy, and is
-            // detached instead — no worse than leaving it mounted.
-            if nix::mount::umount2(m.as_str(), nix::mount::MntFlags::empty()).is_err() {
-                let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+            // detached instead — no worse than leaving it mounted, and the
+            // report says which it was.
+            if nix::mount::umount2(m.as_str(), nix::mount::MntFlags::empty()).is_ok() {
+                unmounted.push(m.clone());
+            } else if nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH).is_ok() {
+                detached.push(m.clone());
             }
         }
+        let mut removed = Vec::new();
+        let deadline = Instant::now() + ADDRESS_WAIT;
         for a in &self.addresses {
-            remove_address(a);
+            if remove_address(a, deadline) {
+                removed.push(a.clone());
+            }
         }
         // `stop` also cancels a restart systemd may have queued after the kill.
         let stopped_units = systemctl_all("stop", &[], &self.units, UNIT_STOP_WAIT);
@@ -190,8 +280,9 @@ impl Held {
             pgids: held.pgids,
             units_killed: killed_units,
             users_killed: users,
-            unmounted: held.mounts,
-            addresses_removed: held.addresses,
+            unmounted,
+            detached_lazily: detached,
+            addresses_removed: removed,
             units_stopped: stopped_units,
         };
         eprintln!(
@@ -221,6 +312,10 @@ pub struct Report {
     /// Processes killed for using an owned filesystem.
     pub users_killed: Vec<i32>,
     pub unmounted: Vec<String>,
+    /// Mounts still busy after their users were killed (a hung disk):
+    /// detached from the tree, released by the kernel once idle.
+    #[serde(default)]
+    pub detached_lazily: Vec<String>,
     pub addresses_removed: Vec<String>,
     pub units_stopped: Vec<String>,
 }
@@ -235,6 +330,7 @@ impl Report {
             list("killed units", &self.units_killed),
             list("killed processes using owned filesystems", &self.users_killed),
             list("unmounted", &self.unmounted),
+            list("detached lazily (still busy)", &self.detached_lazily),
             list("removed addresses", &self.addresses_removed),
             list("stopped units", &self.units_stopped),
         ];
@@ -331,22 +427,57 @@ fn systemctl_all(verb: &str, args: &[&str], units: &[String], wait: Duration) ->
     ok
 }
 
-/// Removes `addr` (`ADDR/PREFIX`) from whichever interface carries it. An
-/// emergency backstop, so it uses iproute2 rather than a netlink client.
-fn remove_address(addr: &str) {
+/// How long the guard gives `ip` for all the addresses together.
+const ADDRESS_WAIT: Duration = Duration::from_secs(2);
+
+/// Removes `addr` (`ADDR/PREFIX`) from whichever interface carries it,
+/// giving up at `deadline`. An emergency backstop, so it uses iproute2
+/// rather than a netlink client. True when it was removed somewhere.
+fn remove_address(addr: &str, deadline: Instant) -> bool {
     let ip = addr.split('/').next().unwrap_or(addr);
-    let Ok(out) = std::process::Command::new("ip")
-        .args(["-o", "addr", "show", "to", ip])
-        .output()
-    else {
-        return;
+    let Some(out) = run_bounded(Command::new("ip").args(["-o", "addr", "show", "to", ip]), deadline) else {
+        return false;
     };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    let mut removed = false;
+    for line in out.lines() {
         // "2: eth0    inet 10.0.0.100/24 scope global eth0 ..."
         if let Some(dev) = line.split_whitespace().nth(1) {
-            let _ = std::process::Command::new("ip")
-                .args(["addr", "del", addr, "dev", dev.trim_end_matches(':')])
-                .status();
+            removed |= run_bounded(
+                Command::new("ip").args(["addr", "del", addr, "dev", dev.trim_end_matches(':')]),
+                deadline,
+            )
+            .is_some();
+        }
+    }
+    removed
+}
+
+/// Runs `cmd` until `deadline`; kills it if it runs over. Its standard
+/// output when it exited 0, else `None`.
+fn run_bounded(cmd: &mut Command, deadline: Instant) -> Option<String> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| eprintln!("understudy fence-guard: cannot run {cmd:?}: {e}"))
+        .ok()?;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                let mut out = String::new();
+                if let Some(mut so) = child.stdout.take() {
+                    let _ = io::Read::read_to_string(&mut so, &mut out);
+                }
+                return status.success().then_some(out);
+            }
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            _ => {
+                eprintln!("understudy fence-guard: {cmd:?} did not finish in time; killed");
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
         }
     }
 }

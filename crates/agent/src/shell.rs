@@ -32,7 +32,7 @@ use understudy_drivers::cgroup::Cgroups;
 use understudy_drivers::{Driver, DriverEnv, OpCtx, ProcessRegistry, driver_for};
 
 use crate::clock;
-use crate::guard::Guard;
+use crate::guard::{Guard, GuardHealth};
 use crate::instance;
 use crate::keys::{Keys, OwnerValue, build_view};
 
@@ -280,18 +280,28 @@ pub async fn run(opts: AgentOptions, coord: Arc<dyn Coordinator>) -> Result<()> 
     }
     tracing::info!(node = %opts.node, cluster = %opts.spec.name, "agent started");
     agent.handle(clock::now(), Event::Tick);
+    let mut guard_retry: Option<std::time::Instant> = None;
     loop {
         while let Some(action) = agent.poll_action() {
             shell.execute(action, &agent);
+        }
+        // The guard is the safety net: a dead one is replaced at once; if
+        // that fails the core fences (and retries come once a second).
+        if let Some(event) = shell.watch_guard(&mut guard_retry) {
+            agent.handle(clock::now(), event);
+            continue;
         }
         if agent.exited() {
             break;
         }
         shell.publish_status(&agent);
-        let sleep = match agent.poll_timeout() {
+        let mut sleep = match agent.poll_timeout() {
             Some(at) => Duration::from_millis(at.as_millis().saturating_sub(clock::mono().as_millis())),
             None => Duration::from_secs(3600),
         };
+        if let Some(t) = guard_retry {
+            sleep = sleep.min(t.saturating_duration_since(std::time::Instant::now()));
+        }
         tokio::select! {
             Some(event) = rx.recv() => {
                 shell.observe(&event);
@@ -761,6 +771,34 @@ impl Shell {
         }
     }
 
+    /// Checks the fence guard; replaces a dead one. Returns the event for
+    /// the core when the guard is lost or back.
+    fn watch_guard(&mut self, retry: &mut Option<std::time::Instant>) -> Option<Event> {
+        let GuardHealth::Dead(how) = self.guard.health() else {
+            return None;
+        };
+        if retry.is_some_and(|t| std::time::Instant::now() < t) {
+            return None;
+        }
+        let was_lost = retry.is_some();
+        match self.guard.restart() {
+            Ok(pid) => {
+                *retry = None;
+                let message = format!("the fence guard died ({how}); started a new one (pid {pid})");
+                tracing::warn!("{message}");
+                self.journal_now(entry(EntryKind::GuardRestarted, None, message));
+                was_lost.then_some(Event::GuardUp)
+            }
+            Err(e) => {
+                *retry = Some(std::time::Instant::now() + Duration::from_secs(1));
+                tracing::error!("the fence guard died ({how}) and cannot be restarted: {e}");
+                (!was_lost).then(|| Event::GuardDown {
+                    reason: format!("it died ({how}); restarting it failed: {e}"),
+                })
+            }
+        }
+    }
+
     /// Sends a journal record now (it needs no session).
     fn journal_now(&self, e: Entry) {
         let record = JournalRecord {
@@ -790,7 +828,16 @@ impl Shell {
     /// Publishes this node's status (attached to its lease) when it changed.
     fn publish_status(&mut self, agent: &Agent) {
         let Some(lease) = self.lease else { return };
-        let status = String::from_utf8_lossy(&json(&agent.status())).into_owned();
+        let mut value = serde_json::to_value(agent.status()).unwrap_or_default();
+        if let Some(map) = value.as_object_mut() {
+            // How this node contains what its resources start.
+            let containment = match &self.cgroups {
+                Some(c) => format!("cgroups ({})", c.node_dir().display()),
+                None => "process groups only (no writable cgroup2)".to_owned(),
+            };
+            map.insert("containment".into(), containment.into());
+        }
+        let status = value.to_string();
         if self
             .last_status
             .as_ref()

@@ -32,6 +32,9 @@ pub struct NodeRow {
     /// up, down, standby, maintenance, leaving
     pub state: String,
     pub owns: Vec<String>,
+    /// What weakens this node's safety nets (no fence guard, no cgroups).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -119,8 +122,22 @@ pub fn report(cluster: &Cluster, kvs: &BTreeMap<String, KeyValue>, revision: i64
                 Some(_) if admin.is_some_and(|a| a.standby) => "standby",
                 Some(_) => "up",
             };
+            let mut warnings = Vec::new();
+            if registered.is_some()
+                && let Some(st) = statuses.get(&n.name)
+            {
+                if let Some(why) = st.get("guard_down").and_then(Value::as_str) {
+                    warnings.push(format!("degraded: no fence guard ({why}); holds nothing"));
+                }
+                if let Some(c) = st.get("containment").and_then(Value::as_str)
+                    && c.starts_with("process groups")
+                {
+                    warnings.push(format!("containment: {c}"));
+                }
+            }
             NodeRow {
                 name: n.name.clone(),
+                warnings,
                 state: state.into(),
                 owns: view
                     .owners
@@ -243,6 +260,9 @@ pub fn render(r: &Report) -> String {
             format!("owns {}", n.owns.join(", "))
         };
         let _ = writeln!(out, "  {:width$}  {:12} {owns}", n.name, n.state);
+        for w in &n.warnings {
+            let _ = writeln!(out, "  {:width$}  ! {w}", "");
+        }
     }
     let _ = writeln!(out, "\nGroups:");
     for g in &r.groups {

@@ -282,3 +282,60 @@ async fn a_second_agent_for_a_node_is_refused_and_touches_nothing() {
         "a refused agent swept: {added:?}"
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_killed_guard_is_replaced_and_the_new_one_fences_a_paused_owner() {
+    let _serial = SERIAL.lock().await;
+    let mut c = cluster().await;
+    c.start_all();
+    let snap = c.wait_for("web and the clones running", WAIT, settled).await;
+    let owner = snap.owner("web").unwrap().to_string();
+    let token = snap.view.owners["web"].token;
+    let workers = Pids(workers_of(&c, &owner, &["worker"]));
+    let agent = c.agents.pid(&owner).unwrap();
+    let guard = guard_of(agent);
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(guard), Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let replaced = loop {
+        let journal = c.journal().await;
+        if let Some(e) = journal
+            .iter()
+            .find(|e| e.node == owner && e.entry.kind == EntryKind::GuardRestarted)
+        {
+            break e.entry.message.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead guard was not replaced\n{}",
+            c.logs()
+        );
+        // The journal has no watch: poll it, bounded by the deadline above.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let new_guard = guard_of(agent);
+    assert_ne!(new_guard, guard);
+    assert!(replaced.contains(&format!("pid {new_guard}")), "{replaced}");
+    let snap = c.snapshot().await;
+    assert_eq!(
+        snap.owner("web"),
+        Some(owner.as_str()),
+        "losing the guard is no failover"
+    );
+    assert_eq!(snap.view.owners["web"].token, token);
+
+    // The new guard knows the deadline and what is held: a paused owner's
+    // worker dies before another node runs the group.
+    c.agents.signal(&owner, Signal::SIGSTOP).unwrap();
+    let snap = c
+        .wait_for("web running on another node", WAIT, |s| {
+            s.running_on("web", &["worker"]).is_some_and(|n| n != owner)
+        })
+        .await;
+    assert!(
+        !alive(workers.0[0]),
+        "the paused owner's worker runs beside {}'s",
+        snap.owner("web").unwrap()
+    );
+    c.agents.signal(&owner, Signal::SIGCONT).unwrap();
+}

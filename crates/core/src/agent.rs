@@ -165,6 +165,11 @@ pub enum Event {
     },
     /// The operator asked the agent to stop (SIGTERM): move groups away, then exit.
     Shutdown,
+    /// The fence guard died and no new one could be started: without its
+    /// safety net the node must not hold groups.
+    GuardDown { reason: String },
+    /// A fence guard runs again.
+    GuardUp,
 }
 
 /// Why this node may start a group's resources: it holds the owner key.
@@ -212,6 +217,11 @@ pub enum EntryKind {
     /// How the node contains what its resources start (cgroups, or the
     /// process-group fallback and why).
     Containment,
+    /// The fence guard died and the agent started a new one.
+    GuardRestarted,
+    /// The fence guard died and could not be restarted: the node fenced
+    /// itself and holds nothing until a guard runs again.
+    GuardLost,
 }
 
 /// One journal entry; the shell adds node and time.
@@ -385,6 +395,9 @@ pub struct NodeStatus {
     pub session: bool,
     pub maintenance: bool,
     pub leaving: bool,
+    /// Why the node has no fence guard (it holds nothing meanwhile).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard_down: Option<String>,
     /// Groups this node holds.
     pub holds: Vec<String>,
     pub resources: BTreeMap<String, ResourceStatus>,
@@ -435,6 +448,8 @@ pub struct Agent {
     last_plan: Option<Plan>,
     /// The deadline last handed to the fence guard.
     guard: Option<Time>,
+    /// The fence guard is dead and could not be restarted (why).
+    guard_down: Option<String>,
 }
 
 impl Agent {
@@ -492,6 +507,7 @@ impl Agent {
             actions: VecDeque::new(),
             last_plan: None,
             guard: None,
+            guard_down: None,
             spec,
         }
     }
@@ -592,6 +608,7 @@ impl Agent {
             session: matches!(self.session, Session::Open { .. }),
             maintenance: self.frozen_node(),
             leaving: self.shutting_down,
+            guard_down: self.guard_down.clone(),
             holds: self.holds(),
             resources: self
                 .res
@@ -619,6 +636,11 @@ impl Agent {
         }
         match event {
             Event::Tick => {}
+            Event::SessionOpened { .. } if self.guard_down.is_some() => {
+                // Opened before the guard was lost: not used (its lease
+                // expires unrenewed), nothing is won under it.
+                self.session = Session::None;
+            }
             Event::SessionOpened { lease, sent_at } => {
                 if self.join_until.is_none() {
                     self.join_until = Some(now.mono + self.lease_ttl);
@@ -747,6 +769,32 @@ impl Agent {
                     self.on_monitor(now, &resource, health);
                 } else if let Some(r) = self.res.get_mut(&resource) {
                     r.monitor_in_flight = false;
+                }
+            }
+            Event::GuardDown { reason } => {
+                if self.guard_down.is_none() {
+                    self.journal(
+                        EntryKind::GuardLost,
+                        None,
+                        None,
+                        format!(
+                            "the fence guard is gone and cannot be restarted ({reason}): holding nothing until one runs"
+                        ),
+                    );
+                    self.fence("no fence guard");
+                    // No new session either: a session would let it win groups.
+                    self.guard_down = Some(reason);
+                    self.guard = None;
+                }
+            }
+            Event::GuardUp => {
+                if self.guard_down.take().is_some() {
+                    self.journal(
+                        EntryKind::GuardRestarted,
+                        None,
+                        None,
+                        "a fence guard runs again: rejoining".into(),
+                    );
                 }
             }
             Event::Shutdown => {
@@ -1273,7 +1321,8 @@ impl Agent {
                 g.retry_at = None;
             }
         }
-        if self.session == Session::None && !self.shutting_down && self.retry_at.is_none() {
+        if self.session == Session::None && !self.shutting_down && self.retry_at.is_none() && self.guard_down.is_none()
+        {
             self.session = Session::Opening;
             self.actions.push_back(Action::OpenSession);
         }

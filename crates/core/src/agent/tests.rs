@@ -1276,6 +1276,25 @@ fn a_failing_renewal_is_retried_after_a_pause_not_in_a_loop() {
 }
 
 #[test]
+fn without_a_fence_guard_the_node_fences_and_stays_out_until_one_runs() {
+    let mut h = running_owner();
+    let out = h.step(Event::GuardDown {
+        reason: "cannot start it".into(),
+    });
+    assert!(journal_kinds(&out).contains(&EntryKind::GuardLost), "{out:?}");
+    let stopped = stops(&out);
+    assert_eq!(stopped.len(), 4, "every resource stops at once: {stopped:?}");
+    assert!(stopped.iter().all(|(_, urgent)| *urgent));
+    assert!(!out.contains(&Action::OpenSession), "no new session without a guard");
+    assert!(h.agent.status().guard_down.is_some());
+    assert!(!h.advance(5_000).contains(&Action::OpenSession));
+    let out = h.step(Event::GuardUp);
+    assert!(journal_kinds(&out).contains(&EntryKind::GuardRestarted), "{out:?}");
+    assert!(out.contains(&Action::OpenSession), "rejoins once a guard runs: {out:?}");
+    assert!(h.agent.status().guard_down.is_none());
+}
+
+#[test]
 fn a_lost_campaign_is_not_repeated_at_once_against_a_stale_view() {
     let mut h = Harness::new(spec(), "node1");
     h.boot(7, &["node1", "node2"], &[]);
