@@ -66,6 +66,17 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// Kill what earlier runs of a node's agent left running (its resource
+    /// cgroups and recorded processes). Run by systemd after the agent
+    /// stopped; exits 3 while an agent for the node runs.
+    Sweep {
+        /// The node's name.
+        #[arg(long)]
+        node: String,
+        /// The agent's state directory.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// Nodes, groups, owners, resources and their last monitor results.
     Status {
         #[arg(long, value_name = "FILE")]
@@ -136,6 +147,7 @@ fn main() -> ExitCode {
             node,
             state_dir,
         } => agent(config, node, state_dir),
+        Command::Sweep { node, state_dir } => sweep(&node, state_dir),
         Command::Status { config, json, watch } => {
             with_cluster(config, |c| async move { status::run(&c, json, watch).await })
         }
@@ -194,7 +206,7 @@ fn agent(config: Option<PathBuf>, node: String, state_dir: Option<PathBuf>) -> R
                 known.join(", ")
             );
         }
-        let state_dir = state_dir.unwrap_or_else(|| PathBuf::from(format!("/var/lib/understudy/{node}")));
+        let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&node));
         let opts = understudy_agent::AgentOptions {
             spec: cluster.spec,
             node,
@@ -214,4 +226,28 @@ fn agent(config: Option<PathBuf>, node: String, state_dir: Option<PathBuf>) -> R
         }
         Err(e) => Err(e),
     }
+}
+
+fn sweep(node: &str, state_dir: Option<PathBuf>) -> Result<ExitCode> {
+    let state_dir = state_dir.unwrap_or_else(|| default_state_dir(node));
+    match understudy_agent::sweep(&state_dir, node) {
+        Ok(done) => {
+            for line in &done {
+                println!("{line}");
+            }
+            if done.is_empty() {
+                println!("nothing of node {node} was left running");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e @ understudy_agent::instance::Refused::Io { .. }) => Err(e.into()),
+        Err(e) => {
+            eprintln!("understudy: {e}");
+            Ok(ExitCode::from(understudy_agent::instance::EXIT_ALREADY_RUNNING))
+        }
+    }
+}
+
+fn default_state_dir(node: &str) -> PathBuf {
+    PathBuf::from(format!("/var/lib/understudy/{node}"))
 }

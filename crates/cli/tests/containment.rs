@@ -339,3 +339,39 @@ async fn a_killed_guard_is_replaced_and_the_new_one_fences_a_paused_owner() {
     );
     c.agents.signal(&owner, Signal::SIGCONT).unwrap();
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn sweep_is_refused_while_the_agent_runs_and_kills_what_a_dead_one_left() {
+    let _serial = SERIAL.lock().await;
+    let mut c = cluster().await;
+    c.start_all();
+    let snap = c.wait_for("web and the clones running", WAIT, settled).await;
+    let owner = snap.owner("web").unwrap().to_string();
+    let workers = Pids(workers_of(&c, &owner, &["worker", "clone"]));
+    let state = c.agents.state_dir(&owner);
+    let sweep = || {
+        Command::new(env!("CARGO_BIN_EXE_understudy"))
+            .args(["sweep", "--node", &owner, "--state-dir"])
+            .arg(&state)
+            .output()
+            .unwrap()
+    };
+    let out = sweep();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(workers.0.iter().all(|&p| alive(p)), "a refused sweep touched nothing");
+
+    // The agent and its guard die together, as under systemd's ExecStopPost
+    // after a crash that took both.
+    let agent = c.agents.pid(&owner).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(guard_of(agent)), Signal::SIGKILL).unwrap();
+    c.agents.signal(&owner, Signal::SIGKILL).unwrap();
+    c.agents.wait(&owner, WAIT).unwrap();
+    let out = sweep();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("worker: killed") && stdout.contains("agent-of-web: killed"),
+        "{stdout}"
+    );
+    wait_dead(&workers.0, "after the sweep");
+}
