@@ -1699,12 +1699,29 @@ impl Agent {
     fn reconcile_clones(&mut self, _now: Now, plan: Option<&Plan>) {
         let Some(plan) = plan else { return };
         let frozen = self.frozen_node();
-        let want: BTreeSet<String> = plan
+        let mut want: BTreeSet<String> = plan
             .clones
             .iter()
             .filter(|c| !self.shutting_down && c.nodes.iter().any(|n| n == &self.node))
             .map(|c| c.resource.clone())
             .collect();
+        // A clone needs no lease: losing the session (the coordinator out of
+        // reach, a missed renewal) is no reason to stop one that runs. The
+        // plan counts this node as down meanwhile, so keep what runs; new
+        // clones wait for the session.
+        if !self.shutting_down && !matches!(self.session, Session::Open { .. }) {
+            for wave in &self.clone_waves {
+                for r in wave {
+                    if self
+                        .res
+                        .get(r)
+                        .is_some_and(|x| matches!(x.state, ResState::Running | ResState::Starting))
+                    {
+                        want.insert(r.clone());
+                    }
+                }
+            }
+        }
         let waves = self.clone_waves.clone();
         if frozen {
             return;

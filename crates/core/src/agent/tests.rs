@@ -486,6 +486,30 @@ fn clones_run_without_ownership_and_group_members_wait_for_them() {
 }
 
 #[test]
+fn clones_keep_running_through_a_session_loss() {
+    let mut spec = testkit::cluster(2);
+    let mut g = testkit::group(&spec, "mgmt");
+    g.resources = vec![testkit::clone_process("tomcat", &[])];
+    spec.groups.push(g);
+    let mut h = Harness::new(spec, "node2");
+    let out = h.boot(3, &["node1", "node2"], &[]);
+    assert_eq!(starts(&out), ["tomcat"]);
+    h.step(ok("tomcat", Op::Start));
+    // No renewal is acknowledged: the deadline passes and the node fences.
+    h.advance(500);
+    h.step(Event::RenewFailed { lease: 3 });
+    let out = h.advance(1_000);
+    assert!(journal_kinds(&out).contains(&EntryKind::SessionLost), "{out:?}");
+    // The view drops this node's registration when its lease expires.
+    let out = h.step(Event::View(view(20, &["node1"], &[])));
+    assert!(stops(&out).is_empty(), "a clone needs no lease: {out:?}");
+    assert_eq!(h.agent.resource_state("tomcat"), Some(ResState::Running));
+    // Shutting down still stops it.
+    let out = h.step(Event::Shutdown);
+    assert_eq!(stops(&out), [("tomcat".to_string(), false)]);
+}
+
+#[test]
 fn monitor_only_resources_are_checked_on_the_owner_and_never_started() {
     let mut spec = testkit::cluster(2);
     let mut g = testkit::group(&spec, "mgmt");
