@@ -6,7 +6,9 @@
 //! process group (so a terminal's Ctrl-C reaches only the caller), with its
 //! state directory at `DIR/NODE/`, its log at `DIR/NODE/agent.log` and its
 //! pid in `DIR/NODE/agent.pid`. Dropping a `LocalCluster` kills every agent
-//! it started (their resources die with them).
+//! it started (their resources die with them). The coordinator's store is
+//! created explicitly ([`LocalCluster::init`], or by the caller) before the
+//! first agent starts: agents never create it.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -80,8 +82,35 @@ impl LocalCluster {
         self.state_dir(node).join("agent.log")
     }
 
+    /// Creates the definition's coordinator store (`understudy init`); an
+    /// embedded store must exist before the first agent starts (agents wait
+    /// for it, and never create it).
+    pub fn init(&self) -> io::Result<()> {
+        let out = Command::new(&self.exe)
+            .arg("init")
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot run {} init: {e}", self.exe.display())))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "understudy init failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    }
+
     /// Starts `node`'s agent (replacing a dead one). Returns its pid.
     pub fn start(&mut self, node: &str) -> io::Result<u32> {
+        self.start_with(node, &[])
+    }
+
+    /// Starts `node`'s agent with extra arguments (e.g. `--join-new-store`).
+    pub fn start_with(&mut self, node: &str, extra: &[&str]) -> io::Result<u32> {
         if let Some(pid) = self.pid(node) {
             return Ok(pid);
         }
@@ -96,6 +125,7 @@ impl LocalCluster {
             .arg(node)
             .arg("--state-dir")
             .arg(&state)
+            .args(extra)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -506,6 +506,13 @@ impl Shell {
                 Some(match tokio::time::timeout(timeout, coord.keep_alive(lease)).await {
                     Ok(Ok(_)) => Event::Renewed { lease, sent_at },
                     Ok(Err(CoordError::LeaseNotFound(_))) => Event::SessionLost { lease },
+                    // The store this lease lives in is not the cluster's any
+                    // more (deleted, replaced, truncated): the lease is as good
+                    // as gone, and so is the authority it gave.
+                    Ok(Err(CoordError::StoreLost(why))) => {
+                        tracing::error!("fencing: the coordinator store is lost: {why}");
+                        Event::SessionLost { lease }
+                    }
                     Ok(Err(e)) => {
                         tracing::warn!("renewal failed: {e}");
                         Event::RenewFailed { lease }

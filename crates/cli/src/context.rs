@@ -6,9 +6,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use understudy_agent::Keys;
 use understudy_config::Source;
-use understudy_coord::Coordinator;
 use understudy_coord::etcd::{EtcdCoordinator, EtcdOptions};
 use understudy_coord::sqlite::SqliteCoordinator;
+use understudy_coord::{CoordError, Coordinator};
 use understudy_core::ClusterSpec;
 use understudy_core::spec::CoordinatorSpec;
 
@@ -56,17 +56,26 @@ pub fn load_checked(path: &Path) -> Result<Option<ClusterSpec>> {
     Ok(checked.spec)
 }
 
-/// A checked definition, its path and directory, and the coordinator it names.
+/// A checked definition and its directory, before connecting to anything.
+pub struct Definition {
+    pub spec: ClusterSpec,
+    pub base_dir: PathBuf,
+    pub keys: Keys,
+}
+
+/// A checked definition, its directory, and the coordinator it names.
 pub struct Cluster {
     pub spec: ClusterSpec,
     pub base_dir: PathBuf,
     pub keys: Keys,
     pub coord: Arc<dyn Coordinator>,
     pub coordinator_desc: String,
+    /// The embedded store's id (`None` on etcd).
+    pub store_id: Option<String>,
 }
 
-/// Loads the definition (errors printed, then refused) and opens its coordinator.
-pub async fn open(explicit: Option<&Path>) -> Result<Cluster> {
+/// Loads the definition (errors printed, then refused).
+pub fn load(explicit: Option<&Path>) -> Result<Definition> {
     let path = find_config(explicit)?;
     let Some(spec) = load_checked(&path)? else {
         bail!(
@@ -79,56 +88,124 @@ pub async fn open(explicit: Option<&Path>) -> Result<Cluster> {
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
         .unwrap_or_else(|| PathBuf::from("."));
-    let (coord, keys, coordinator_desc): (Arc<dyn Coordinator>, Keys, String) = match &spec.settings.coordinator {
-        CoordinatorSpec::Embedded { path: db } => {
-            let db = match db {
-                Some(p) if Path::new(p).is_absolute() => PathBuf::from(p),
-                Some(p) => base_dir.join(p),
-                None => PathBuf::from(format!("/var/lib/understudy/{}.db", spec.name)),
-            };
-            if let Some(parent) = db.parent() {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("cannot create the coordinator's directory {}", parent.display()))?;
-            }
-            let coord = SqliteCoordinator::open(&db)
-                .await
-                .with_context(|| format!("cannot open the embedded coordinator {}", db.display()))?;
-            (
-                Arc::new(coord),
-                Keys::new("/understudy", &spec.name),
-                format!("embedded ({})", db.display()),
-            )
-        }
-        CoordinatorSpec::Etcd(etcd) => {
-            let keys = Keys::new(&etcd.prefix, &spec.name);
-            let resolve = |file: &Option<String>| {
-                file.as_ref().map(|p| match Path::new(p) {
-                    p if p.is_absolute() => p.to_path_buf(),
-                    p => base_dir.join(p),
-                })
-            };
-            // The journal lives beside the cluster's state, not under it, so
-            // watching the state does not stream every journal record.
-            let mut opts = EtcdOptions::new(etcd.endpoints.clone(), keys.journal_prefix().to_string());
-            opts.ca_file = resolve(&etcd.ca_file);
-            opts.cert_file = resolve(&etcd.cert_file);
-            opts.key_file = resolve(&etcd.key_file);
-            opts.username = etcd.username.clone();
-            opts.password_file = resolve(&etcd.password_file);
-            let desc = format!("etcd ({})", etcd.endpoints.join(", "));
-            let coord = EtcdCoordinator::connect(opts)
-                .await
-                .with_context(|| format!("cannot connect to {desc}"))?;
-            (Arc::new(coord), keys, desc)
-        }
+    let keys = match &spec.settings.coordinator {
+        CoordinatorSpec::Embedded { .. } => Keys::new("/understudy", &spec.name),
+        CoordinatorSpec::Etcd(etcd) => Keys::new(&etcd.prefix, &spec.name),
     };
-    Ok(Cluster {
-        spec,
-        base_dir,
-        keys,
-        coord,
-        coordinator_desc,
-    })
+    Ok(Definition { spec, base_dir, keys })
+}
+
+impl Definition {
+    /// The embedded store's file (`None` on etcd): `path` relative to the
+    /// definition, by default `/var/lib/understudy/CLUSTER.db`.
+    pub fn embedded_path(&self) -> Option<PathBuf> {
+        match &self.spec.settings.coordinator {
+            CoordinatorSpec::Embedded { path: db } => Some(match db {
+                Some(p) if Path::new(p).is_absolute() => PathBuf::from(p),
+                Some(p) => self.base_dir.join(p),
+                None => PathBuf::from(format!("/var/lib/understudy/{}.db", self.spec.name)),
+            }),
+            CoordinatorSpec::Etcd(_) => None,
+        }
+    }
+
+    /// Opens the coordinator the definition names. The embedded store must
+    /// exist (`understudy init`); nothing is created here.
+    pub async fn connect(&self) -> Result<Cluster> {
+        let (coord, coordinator_desc, store_id): (Arc<dyn Coordinator>, String, Option<String>) =
+            match &self.spec.settings.coordinator {
+                CoordinatorSpec::Embedded { .. } => {
+                    let db = self.embedded_path().unwrap_or_default();
+                    let coord = SqliteCoordinator::open(&db).await.map_err(|e| match e {
+                        CoordError::NoStore(m) => anyhow::anyhow!("{m}"),
+                        e => anyhow::Error::new(e)
+                            .context(format!("cannot open the embedded coordinator {}", db.display())),
+                    })?;
+                    let id = coord.cluster_id().to_owned();
+                    (Arc::new(coord), format!("embedded ({})", db.display()), Some(id))
+                }
+                CoordinatorSpec::Etcd(etcd) => {
+                    let base_dir = &self.base_dir;
+                    let resolve = |file: &Option<String>| {
+                        file.as_ref().map(|p| match Path::new(p) {
+                            p if p.is_absolute() => p.to_path_buf(),
+                            p => base_dir.join(p),
+                        })
+                    };
+                    // The journal lives beside the cluster's state, not under it, so
+                    // watching the state does not stream every journal record.
+                    let mut opts = EtcdOptions::new(etcd.endpoints.clone(), self.keys.journal_prefix().to_string());
+                    opts.ca_file = resolve(&etcd.ca_file);
+                    opts.cert_file = resolve(&etcd.cert_file);
+                    opts.key_file = resolve(&etcd.key_file);
+                    opts.username = etcd.username.clone();
+                    opts.password_file = resolve(&etcd.password_file);
+                    let desc = format!("etcd ({})", etcd.endpoints.join(", "));
+                    let coord = EtcdCoordinator::connect(opts)
+                        .await
+                        .with_context(|| format!("cannot connect to {desc}"))?;
+                    (Arc::new(coord), desc, None)
+                }
+            };
+        Ok(Cluster {
+            spec: self.spec.clone(),
+            base_dir: self.base_dir.clone(),
+            keys: self.keys.clone(),
+            coord,
+            coordinator_desc,
+            store_id,
+        })
+    }
+}
+
+/// Loads the definition and opens its coordinator (which must exist).
+pub async fn open(explicit: Option<&Path>) -> Result<Cluster> {
+    load(explicit)?.connect().await
+}
+
+/// `understudy init`: creates the embedded store the definition names (and
+/// its directory). Idempotent: an existing store is reported and kept. On
+/// etcd there is nothing to create.
+pub async fn init(explicit: Option<&Path>) -> Result<()> {
+    let def = load(explicit)?;
+    let Some(db) = def.embedded_path() else {
+        println!(
+            "cluster `{}` uses etcd: nothing to create (etcd keeps the cluster's keys itself)",
+            def.spec.name
+        );
+        return Ok(());
+    };
+    if db.exists() {
+        return match SqliteCoordinator::open(&db).await {
+            Ok(coord) => {
+                println!(
+                    "{} already holds the embedded coordinator (store id {}); nothing changed",
+                    db.display(),
+                    coord.cluster_id()
+                );
+                Ok(())
+            }
+            Err(CoordError::NoStore(m)) => bail!(
+                "{m}; {} exists but is not a coordinator store: move it away first (it is never overwritten)",
+                db.display()
+            ),
+            Err(e) => Err(anyhow::Error::new(e).context(format!("cannot open {}", db.display()))),
+        };
+    }
+    if let Some(parent) = db.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create the coordinator's directory {}", parent.display()))?;
+    }
+    let coord = SqliteCoordinator::create(&db)
+        .await
+        .with_context(|| format!("cannot create the embedded coordinator {}", db.display()))?;
+    println!(
+        "created the embedded coordinator {} for cluster `{}` (store id {})",
+        db.display(),
+        def.spec.name,
+        coord.cluster_id()
+    );
+    Ok(())
 }
 
 /// A current-thread runtime on this thread (see the agent shell's invariant).

@@ -52,6 +52,8 @@ fn run_in(dir: &Path, config: &Path) -> Result<()> {
     let mut cluster = LocalCluster::new(&exe, dir, config);
     println!("understudy demo: a 3-node cluster on this host (embedded coordinator)");
     println!("  definition: {}", config.display());
+    // The store is created explicitly, as `understudy init` does for a real cluster.
+    cluster.init().context("cannot create the demo's coordinator")?;
     for node in NODES {
         let pid = cluster.start(node)?;
         println!("  {node}: agent pid {pid:<7} log {}", cluster.log_path(node).display());

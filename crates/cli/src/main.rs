@@ -12,6 +12,7 @@ mod context;
 mod definition;
 mod demo;
 mod events;
+mod membership;
 mod status;
 
 #[derive(Parser)]
@@ -52,9 +53,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run this node's agent (foreground; SIGTERM moves its groups away, then
-    /// exits). Exits 3, touching nothing, when another agent already runs
-    /// this node (on this host or registered from another).
+    /// Create the embedded coordinator's store for a definition (and its
+    /// directory). Nothing else creates it; an existing store is kept. Run
+    /// once, before the first agent starts; on etcd there is nothing to do.
+    Init {
+        /// The cluster definition (default: $UNDERSTUDY_CONFIG, a running demo's, /etc/understudy/cluster.toml).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Run this node's agent (foreground; SIGTERM moves its groups away, then exits).
+    ///
+    /// The agent waits, retrying with a backoff, while its coordinator cannot
+    /// be opened or is not the store this node was a member of; it never
+    /// exits for that. Exit status: 0 after SIGTERM/SIGINT, 2 for an invalid
+    /// definition, an unknown node or a resource this build cannot run, 3
+    /// (touching nothing) when another agent already runs this node, on this
+    /// host or registered from another.
     Agent {
         /// The cluster definition (default: $UNDERSTUDY_CONFIG, a running demo's, /etc/understudy/cluster.toml).
         #[arg(long, value_name = "FILE")]
@@ -65,6 +79,11 @@ enum Command {
         /// Where the agent keeps logs and process records.
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
+        /// Join the embedded store even if it is not the one this node was
+        /// a member of (the store was re-created with `understudy init`).
+        /// Only once every node of the old store is stopped.
+        #[arg(long)]
+        join_new_store: bool,
     },
     /// Kill what earlier runs of a node's agent left running (its resource
     /// cgroups and recorded processes). Run by systemd after the agent
@@ -142,11 +161,15 @@ fn main() -> ExitCode {
             .map(|()| ExitCode::SUCCESS)
             .context("fence guard"),
         Command::Demo => demo::run().map(|()| ExitCode::SUCCESS),
+        Command::Init { config } => context::runtime()
+            .and_then(|rt| rt.block_on(context::init(config.as_deref())))
+            .map(|()| ExitCode::SUCCESS),
         Command::Agent {
             config,
             node,
             state_dir,
-        } => agent(config, node, state_dir),
+            join_new_store,
+        } => agent(config, node, state_dir, join_new_store),
         Command::Sweep { node, state_dir } => sweep(&node, state_dir),
         Command::Status { config, json, watch } => {
             with_cluster(config, |c| async move { status::run(&c, json, watch).await })
@@ -187,7 +210,7 @@ where
     Ok(ExitCode::SUCCESS)
 }
 
-fn agent(config: Option<PathBuf>, node: String, state_dir: Option<PathBuf>) -> Result<ExitCode> {
+fn agent(config: Option<PathBuf>, node: String, state_dir: Option<PathBuf>, join_new_store: bool) -> Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -196,17 +219,23 @@ fn agent(config: Option<PathBuf>, node: String, state_dir: Option<PathBuf>) -> R
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let definition = context::load(config.as_deref())?;
+    if !definition.spec.nodes.iter().any(|n| n.name == node) {
+        let known: Vec<&str> = definition.spec.nodes.iter().map(|n| n.name.as_str()).collect();
+        anyhow::bail!(
+            "node `{node}` is not in the definition (its nodes are: {})",
+            known.join(", ")
+        );
+    }
+    let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&node));
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("cannot create the state directory {}", state_dir.display()))?;
     let rt = context::runtime()?;
     let result = rt.block_on(async {
-        let cluster = context::open(config.as_deref()).await?;
-        if !cluster.spec.nodes.iter().any(|n| n.name == node) {
-            let known: Vec<&str> = cluster.spec.nodes.iter().map(|n| n.name.as_str()).collect();
-            anyhow::bail!(
-                "node `{node}` is not in the definition (its nodes are: {})",
-                known.join(", ")
-            );
-        }
-        let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&node));
+        let Some(cluster) = membership::wait_for_store(&definition, &state_dir, join_new_store).await? else {
+            tracing::info!("stopped while waiting for the coordinator");
+            return Ok(());
+        };
         let opts = understudy_agent::AgentOptions {
             spec: cluster.spec,
             node,

@@ -154,3 +154,55 @@ fn check_warns_about_a_managed_unit_enabled_at_boot() {
         "a disabled unit is fine: {stderr}"
     );
 }
+
+#[test]
+fn read_commands_never_create_the_store_and_init_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cluster.toml");
+    std::fs::write(
+        &config,
+        "[cluster]\nname = \"c\"\ncoordinator = { embedded = { path = \"state/coordinator.db\" } }\n\n\
+         [[node]]\nname = \"n1\"\naddress = \"10.0.0.1/24\"\n",
+    )
+    .unwrap();
+    let db = dir.path().join("state/coordinator.db");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_understudy"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    for args in [&["status"][..], &["events"], &["maintenance", "on"]] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("no coordinator at {}", db.display())),
+            "{stderr}"
+        );
+        assert!(stderr.contains("understudy init"), "{stderr}");
+        assert!(
+            !db.exists() && !db.parent().unwrap().exists(),
+            "{args:?} created something"
+        );
+    }
+    let out = run(&["init"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("created the embedded coordinator") && stdout.contains("store id"),
+        "{stdout}"
+    );
+    assert!(db.exists());
+    let out = run(&["init"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("already holds the embedded coordinator"));
+    assert!(run(&["status"]).status.success());
+    // A file that is not a store is never overwritten.
+    std::fs::write(&db, b"").unwrap();
+    let out = run(&["init"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("move it away first"));
+}

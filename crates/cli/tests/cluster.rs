@@ -324,7 +324,7 @@ async fn a_killed_owners_guard_kills_and_stops_its_unit_before_another_node_star
     let systemctl = dir.path().join("systemctl");
     std::fs::write(&systemctl, FAKE_SYSTEMCTL).unwrap();
     std::fs::set_permissions(&systemctl, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let coord = SqliteCoordinator::open(&dir.path().join("coordinator.db"))
+    let coord = SqliteCoordinator::create(&dir.path().join("coordinator.db"))
         .await
         .unwrap();
     let factory: CommandFactory = Box::new(move |node, exe| {

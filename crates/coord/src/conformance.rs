@@ -15,7 +15,7 @@
 //! async fn two_handles() -> (SqliteCoordinator, SqliteCoordinator, tempfile::TempDir) {
 //!     let dir = tempfile::tempdir().unwrap();
 //!     let path = dir.path().join("coord.db");
-//!     let a = SqliteCoordinator::open(&path).await.unwrap();
+//!     let a = SqliteCoordinator::create(&path).await.unwrap();
 //!     let b = SqliteCoordinator::open(&path).await.unwrap();
 //!     (a, b, dir)
 //! }

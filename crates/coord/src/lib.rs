@@ -116,6 +116,17 @@ pub enum CoordError {
     /// A watch asked for history the coordinator no longer keeps.
     #[error("revision {0} has been compacted; re-read the current state and watch from there")]
     Compacted(Revision),
+    /// There is no store where the coordinator should be (the embedded store
+    /// was never created with `understudy init`, or was deleted). Opening
+    /// never creates one. The message names the place.
+    #[error("{0}")]
+    NoStore(String),
+    /// The store this handle opened is no longer the cluster's store: its
+    /// file was deleted, renamed away, replaced or truncated, or holds
+    /// another cluster's store. Nothing it says can be trusted any more; a
+    /// lease holder must treat its session as lost (and fence).
+    #[error("coordinator store lost: {0}")]
+    StoreLost(String),
     /// Anything else, with context.
     #[error("{0}")]
     Other(String),

@@ -138,10 +138,11 @@ impl TestCluster {
         dir
     }
 
-    /// A cluster on the embedded coordinator; starts nothing.
+    /// A cluster on the embedded coordinator, whose store it creates (as
+    /// `understudy init` does); starts nothing.
     pub async fn new(definition: &str) -> TestCluster {
         let dir = Self::prepare(definition);
-        let coord = SqliteCoordinator::open(&dir.path().join("coordinator.db"))
+        let coord = SqliteCoordinator::create(&dir.path().join("coordinator.db"))
             .await
             .unwrap();
         Self::with(dir, Arc::new(coord), Keys::new("/understudy", "it"), None)
