@@ -342,6 +342,18 @@ impl Report {
         }
     }
 
+    /// The same things taken away for the same kind of reason (the time
+    /// and the milliseconds in the reason aside).
+    pub fn same_action(&self, other: &Report) -> bool {
+        let kind = |why: &str| why.split(|c: char| c.is_ascii_digit()).next().unwrap_or("").to_owned();
+        let strip = |r: &Report| Report {
+            at: 0,
+            why: kind(&r.why),
+            ..r.clone()
+        };
+        strip(self) == strip(other)
+    }
+
     fn append_to(&self, path: &Path) -> io::Result<()> {
         let mut line = serde_json::to_vec(self).map_err(io::Error::other)?;
         line.push(b'\n');

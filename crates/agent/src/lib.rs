@@ -12,6 +12,7 @@ pub mod instance;
 pub mod keys;
 pub mod local;
 pub mod shell;
+pub mod writer;
 
 pub use keys::Keys;
 pub use shell::{AgentOptions, JournalRecord, run};

@@ -35,6 +35,7 @@ use crate::clock;
 use crate::guard::{Guard, GuardHealth};
 use crate::instance;
 use crate::keys::{Keys, OwnerValue, build_view};
+use crate::writer::{self, Ordered};
 
 /// Everything the agent needs to run.
 pub struct AgentOptions {
@@ -57,12 +58,6 @@ pub struct JournalRecord {
     pub node: String,
     #[serde(flatten)]
     pub entry: Entry,
-}
-
-/// Writes that must reach the coordinator in the order they were made.
-enum Ordered {
-    Journal(Vec<u8>),
-    Status { key: String, value: Vec<u8>, lease: i64 },
 }
 
 /// This node's registration as it should be: the session lease it must be
@@ -237,7 +232,7 @@ pub async fn run(opts: AgentOptions, coord: Arc<dyn Coordinator>) -> Result<()> 
         tx.clone(),
     ));
     let (ordered, ordered_rx) = unbounded_channel::<Ordered>();
-    let writer = tokio::spawn(ordered_writer(Arc::clone(&coord), ordered_rx));
+    let writer = tokio::spawn(writer::run(Arc::clone(&coord), opts.node.clone(), ordered_rx));
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     // SIGHUP never kills the agent. It logs to stderr (journald) and opens
@@ -761,12 +756,38 @@ impl Shell {
                 return;
             }
         };
+        // Repeated firings that took the same things away for the same kind
+        // of reason are one record ("repeated 12 times in 5.2 s").
+        let mut runs: Vec<(crate::guard::Report, usize, u64)> = Vec::new();
         for r in reports {
+            match runs.last_mut() {
+                Some((first, n, last)) if first.same_action(&r) => {
+                    *n += 1;
+                    *last = r.at;
+                }
+                _ => {
+                    let at = r.at;
+                    runs.push((r, 1, at));
+                }
+            }
+        }
+        for (r, n, last) in runs {
+            let repeated = if n > 1 {
+                format!(
+                    " (repeated {n} times in {:.1} s)",
+                    last.saturating_sub(r.at) as f64 / 1000.0
+                )
+            } else {
+                String::new()
+            };
             let entry = Entry {
                 kind: EntryKind::GuardFired,
                 group: None,
                 resource: None,
-                message: format!("fence guard (recorded when the agent was back): {}", r.summary()),
+                message: format!(
+                    "fence guard (recorded when the agent was back): {}{repeated}",
+                    r.summary()
+                ),
             };
             tracing::warn!("{}", entry.message);
             let record = JournalRecord {
@@ -883,33 +904,6 @@ impl understudy_drivers::SyncStore for CoordSyncStore {
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
-    }
-}
-
-/// Carries out journal appends and status updates one at a time, in order;
-/// a status superseded by a newer one before it was written is skipped.
-async fn ordered_writer(coord: Arc<dyn Coordinator>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Ordered>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while let Ok(more) = rx.try_recv() {
-            batch.push(more);
-        }
-        let last_status = batch.iter().rposition(|w| matches!(w, Ordered::Status { .. }));
-        for (i, write) in batch.into_iter().enumerate() {
-            match write {
-                Ordered::Journal(record) => {
-                    if let Err(e) = coord.append(&record).await {
-                        tracing::warn!("could not write the journal: {e}");
-                    }
-                }
-                Ordered::Status { key, value, lease } if Some(i) == last_status => {
-                    if let Err(e) = coord.put(&key, &value, Some(lease)).await {
-                        tracing::debug!("could not publish status: {e}");
-                    }
-                }
-                Ordered::Status { .. } => {}
-            }
-        }
     }
 }
 

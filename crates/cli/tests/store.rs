@@ -186,8 +186,10 @@ async fn a_store_renamed_away_fences_the_agents_until_it_is_back() {
     let owner = running_cluster(&mut c).await;
     let old_token = c.snapshot().await.view.owners["web"].token;
     let aside = c.dir.path().join("aside.db");
+    let renamed_at = common::wall_ms();
     std::fs::rename(store(&c), &aside).unwrap();
     all_fence(&mut c, &owner, "no longer exists").await;
+    let healed_at = common::wall_ms();
     // Renamed back: the same file is the store again and the cluster heals
     // by itself, with web on exactly one node.
     std::fs::rename(&aside, store(&c)).unwrap();
@@ -200,6 +202,31 @@ async fn a_store_renamed_away_fences_the_agents_until_it_is_back() {
     .await;
     let running = running_web(&c);
     assert_eq!(running.len(), WEB.len(), "web runs once: {running:?}");
+    // What happened while the store was away is in the journal, with the
+    // times it happened: the outage, then the owner's fencing and stops.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let journal = c.journal().await;
+        let during = |kind: EntryKind| {
+            journal
+                .iter()
+                .any(|e| e.node == owner && e.entry.kind == kind && e.at >= renamed_at && e.at <= healed_at)
+        };
+        if during(EntryKind::CoordinatorUnreachable) && during(EntryKind::Fenced) && during(EntryKind::Stopped) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the outage's records did not reach the journal: {:?}",
+            journal
+                .iter()
+                .filter(|e| e.node == owner && e.at >= renamed_at)
+                .map(|e| (e.at, e.entry.kind, e.entry.message.clone()))
+                .collect::<Vec<_>>()
+        );
+        // The journal has no watch: poll it, bounded by the deadline above.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -217,6 +217,9 @@ pub enum EntryKind {
     /// How the node contains what its resources start (cgroups, or the
     /// process-group fallback and why).
     Containment,
+    /// The node could not write to the coordinator for a while; the
+    /// records it made meanwhile follow with their own times.
+    CoordinatorUnreachable,
     /// The fence guard died and the agent started a new one.
     GuardRestarted,
     /// The fence guard died and could not be restarted: the node fenced
