@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
-use understudy_coord::{Compare, CoordError, Coordinator, KeyValue};
+use understudy_coord::{Compare, CoordError, Coordinator, Fence, KeyValue, Refused};
 use understudy_core::ClusterSpec;
 use understudy_core::agent::{
     Action, Agent, AgentIdentity, Entry, EntryKind, Event, GroupAdmin, Health, NodeRecord, Op,
@@ -29,7 +29,7 @@ use understudy_core::agent::{
 use understudy_core::observed::Failure;
 use understudy_core::spec::Role;
 use understudy_drivers::cgroup::Cgroups;
-use understudy_drivers::{Driver, DriverEnv, OpCtx, ProcessRegistry, driver_for};
+use understudy_drivers::{Driver, DriverEnv, OpCtx, ProcessRegistry, StoreError, driver_for};
 
 use crate::clock;
 use crate::guard::{Guard, GuardHealth};
@@ -99,6 +99,9 @@ struct Shell {
     guarded: BTreeMap<String, Guarded>,
     /// The node's cgroup subtree; `None`: process groups only.
     cgroups: Option<Cgroups>,
+    /// The fencing token each group resource was last started under: its
+    /// stop stores final state (a `sync` copy) fenced by it.
+    started_under: HashMap<String, i64>,
 }
 
 /// A mount point, floating address or systemd unit the fence guard must
@@ -252,6 +255,7 @@ pub async fn run(opts: AgentOptions, coord: Arc<dyn Coordinator>) -> Result<()> 
         last_status: None,
         guarded: BTreeMap::new(),
         cgroups,
+        started_under: HashMap::new(),
     };
     for e in early {
         shell.journal_now(e);
@@ -578,6 +582,9 @@ impl Shell {
                     self.update_guard();
                 }
                 let timeout = spec.map_or(Duration::from_secs(60), |r| r.start_timeout);
+                if let Some(a) = authority {
+                    self.started_under.insert(resource.clone(), a.token);
+                }
                 let ctx = OpCtx {
                     node,
                     group,
@@ -633,7 +640,9 @@ impl Shell {
                 let ctx = OpCtx {
                     node,
                     group,
-                    token: None,
+                    // What the stop stores is fenced by the token the
+                    // resource ran under: refused if the group has moved on.
+                    token: self.started_under.get(&resource).copied(),
                     timeout,
                 };
                 self.spawn(async move {
@@ -675,7 +684,7 @@ impl Shell {
                     })
                 });
             }
-            Action::RecordFailure { group, failure } => {
+            Action::RecordFailure { group, failure, token } => {
                 let within = self
                     .opts
                     .spec
@@ -685,34 +694,68 @@ impl Shell {
                     .map_or(Duration::from_secs(3600), |g| g.failover.within);
                 self.spawn(async move {
                     // Other nodes must learn of the failure, or they keep
-                    // preferring this node: retry for up to a minute.
+                    // preferring this node: retry for up to a minute, while
+                    // the key is ours (the write is fenced by its token;
+                    // the failure's id makes a retry that had landed count once).
+                    let fence = Fence::new(keys.owner(&group), token);
+                    let id = failure.id.clone();
                     for attempt in 0..60u32 {
-                        match record_failure(&*coord, &keys.failures(&group), failure.clone(), within).await {
-                            Ok(()) => return None,
+                        match record_failure(&*coord, &keys.failures(&group), &fence, failure.clone(), within).await {
+                            Ok(true) => {
+                                return Some(Event::FailureRecorded {
+                                    group,
+                                    id,
+                                    landed: true,
+                                });
+                            }
+                            Ok(false) => {
+                                tracing::warn!(
+                                    group,
+                                    id,
+                                    token,
+                                    "failure not recorded: this node no longer owns the group"
+                                );
+                                break;
+                            }
                             Err(e) if attempt == 59 => tracing::error!(group, "could not record the failure: {e}"),
                             Err(e) => tracing::warn!(group, "recording the failure failed, retrying: {e}"),
                         }
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
-                    None
+                    Some(Event::FailureRecorded {
+                        group,
+                        id,
+                        landed: false,
+                    })
                 });
             }
-            Action::ClearMoveRequest { group } => self.spawn(async move {
-                let key = keys.admin_group(&group);
-                let result = update_json::<GroupAdmin>(&*coord, &key, |admin| {
-                    if admin.move_to.as_deref() == Some(node.as_str()) {
-                        admin.move_to = None;
-                        true
-                    } else {
-                        false
+            Action::ClearMoveRequest { group } => {
+                // Written on behalf of the group's owner: fenced by its token.
+                let Some(token) = agent.authority(&group, clock::mono()).map(|a| a.token) else {
+                    return;
+                };
+                self.spawn(async move {
+                    let key = keys.admin_group(&group);
+                    let fence = Fence::new(keys.owner(&group), token);
+                    let result = update_json_fenced::<GroupAdmin>(&*coord, &key, &fence, |admin| {
+                        if admin.move_to.as_deref() == Some(node.as_str()) {
+                            admin.move_to = None;
+                            true
+                        } else {
+                            false
+                        }
+                    })
+                    .await;
+                    match result {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::info!(group, "move request left alone: this node no longer owns the group")
+                        }
+                        Err(e) => tracing::warn!(group, "could not clear the move request: {e}"),
                     }
+                    None
                 })
-                .await;
-                if let Err(e) = result {
-                    tracing::warn!(group, "could not clear the move request: {e}");
-                }
-                None
-            }),
+            }
             Action::SetLeaving => {
                 let record = {
                     let mut r = lock(&self.registration);
@@ -898,12 +941,28 @@ impl understudy_drivers::SyncStore for CoordSyncStore {
             .map_err(|e| e.to_string())
     }
 
-    async fn store(&self, key: &str, value: &[u8]) -> Result<(), String> {
-        self.coord
-            .put(&self.keys.sync(key), value, None)
+    async fn store(&self, ctx: &OpCtx, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let Some(token) = ctx.token else {
+            return Err(StoreError::Fenced(format!(
+                "no fencing token: only the owner of group {} stores its copy",
+                ctx.group
+            )));
+        };
+        let fence = Fence::new(self.keys.owner(&ctx.group), token);
+        match self
+            .coord
+            .put_fenced(&self.keys.sync(key), value, None, None, &fence)
             .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(Refused::FenceLost(owner))) => {
+                Err(StoreError::Fenced(fence_lost(&ctx.group, token, owner.as_ref())))
+            }
+            Ok(Err(Refused::Conflict(_))) => Err(StoreError::Failed(
+                "the store reported a conflict on an unconditional write".into(),
+            )),
+            Err(e) => Err(StoreError::Failed(e.to_string())),
+        }
     }
 }
 
@@ -1033,9 +1092,67 @@ where
     bail!("{key} kept changing under us; gave up after 20 attempts")
 }
 
-/// Appends a failure record, dropping records older than `within` before it.
-async fn record_failure(coord: &dyn Coordinator, key: &str, failure: Failure, within: Duration) -> Result<()> {
-    update_json::<Vec<Failure>>(coord, key, |list| {
+/// Why a fenced write was refused, for logs and errors.
+fn fence_lost(group: &str, token: i64, owner: Option<&KeyValue>) -> String {
+    match owner {
+        None => format!("group {group} has no owner any more (this node held token {token})"),
+        Some(kv) => {
+            let node = serde_json::from_slice::<OwnerValue>(&kv.value).map_or_else(|_| "?".to_string(), |o| o.node);
+            format!(
+                "group {group} is owned by {node} under token {}, not token {token} held here",
+                kv.create_revision
+            )
+        }
+    }
+}
+
+/// `update_json` on behalf of a group's owner: every write is fenced by the
+/// owner key's token, in the same transaction as the compare-and-swap.
+/// `Ok(false)` when the fence no longer holds (nothing was written).
+pub async fn update_json_fenced<T>(
+    coord: &dyn Coordinator,
+    key: &str,
+    fence: &Fence,
+    mut change: impl FnMut(&mut T) -> bool,
+) -> Result<bool>
+where
+    T: Serialize + serde::de::DeserializeOwned + Default,
+{
+    for _ in 0..20 {
+        let current = coord.get(key).await?;
+        let (mut value, cond) = match &current {
+            Some(kv) => (
+                serde_json::from_slice::<T>(&kv.value).with_context(|| format!("{key} holds invalid data"))?,
+                Compare::ModRevision(kv.mod_revision),
+            ),
+            None => (T::default(), Compare::Absent),
+        };
+        if !change(&mut value) {
+            return Ok(true);
+        }
+        match coord.put_fenced(key, &json(&value), None, Some(cond), fence).await? {
+            Ok(_) => return Ok(true),
+            Err(Refused::FenceLost(_)) => return Ok(false),
+            Err(Refused::Conflict(_)) => {}
+        }
+    }
+    bail!("{key} kept changing under us; gave up after 20 attempts")
+}
+
+/// Appends a failure record (once: a failure with its id already in the
+/// list is not added again), dropping records older than `within` before
+/// it, while `fence` holds. `Ok(true)` when the record is in the list.
+async fn record_failure(
+    coord: &dyn Coordinator,
+    key: &str,
+    fence: &Fence,
+    failure: Failure,
+    within: Duration,
+) -> Result<bool> {
+    update_json_fenced::<Vec<Failure>>(coord, key, fence, |list| {
+        if !failure.id.is_empty() && list.iter().any(|f| f.id == failure.id) {
+            return false;
+        }
         let horizon = failure.at - within;
         list.retain(|f| f.at >= horizon);
         list.push(failure.clone());

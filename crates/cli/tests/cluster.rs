@@ -156,10 +156,9 @@ async fn a_failed_process_is_restarted_then_the_group_fails_over() {
     assert_eq!(entries(&journal, &owner, EntryKind::Restarting, "app").len(), 2);
     assert_eq!(entries(&journal, &owner, EntryKind::FailingOver, "app").len(), 1);
     let failures = &snap.view.failures["web"];
-    assert!(
-        failures.iter().any(|f| f.node == owner),
-        "the failure is recorded: {failures:?}"
-    );
+    let mine: Vec<_> = failures.iter().filter(|f| f.node == owner).collect();
+    assert_eq!(mine.len(), 1, "the failure is recorded once: {failures:?}");
+    assert!(!mine[0].id.is_empty(), "a failure record has an id: {failures:?}");
     // The old owner stopped everything of the group in reverse order.
     let stopped = |r: &str| {
         journal
@@ -170,6 +169,141 @@ async fn a_failed_process_is_restarted_then_the_group_fails_over() {
             .unwrap()
     };
     assert!(stopped("frontend") < stopped("app") && stopped("app") < stopped("database"));
+}
+
+/// Three nodes, one group `web` with one `sync` resource replicating `file`
+/// (the agents share this host's filesystem, so they share the file). TTL
+/// 2 s: the urgent stop of a fenced owner gets 300 ms.
+fn sync_definition(file: &str) -> String {
+    format!(
+        r#"
+[cluster]
+name = "it"
+coordinator = {{ embedded = {{ path = "coordinator.db" }} }}
+lease_ttl = "2s"
+renew_interval = "400ms"
+fence_margin = "600ms"
+
+[[node]]
+name = "node1"
+address = "127.0.0.11/8"
+
+[[node]]
+name = "node2"
+address = "127.0.0.12/8"
+
+[[node]]
+name = "node3"
+address = "127.0.0.13/8"
+
+[group.web]
+monitor = {{ interval = "200ms", timeout = "1s", restarts = 2, within = "1m" }}
+
+[group.web.resource.settings]
+kind = "sync"
+paths = ["{file}"]
+"#
+    )
+}
+
+/// The text of `file` in the stored copy `kv` of a `sync` resource.
+fn copy_text(kv: &understudy_coord::KeyValue, file: &str) -> Option<String> {
+    let copy: serde_json::Value = serde_json::from_slice(&kv.value).ok()?;
+    let bytes: Vec<u8> = copy["files"][file]["data"]
+        .as_array()?
+        .iter()
+        .map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
+        .collect::<Option<_>>()?;
+    String::from_utf8(bytes).ok()
+}
+
+/// Waits, on a watch of the copy's key, until the stored copy of `file`
+/// reads `text`; returns the key as stored.
+async fn wait_for_copy(c: &TestCluster, key: &str, file: &str, text: &str) -> understudy_coord::KeyValue {
+    let (kvs, revision) = c.coord.range(key).await.unwrap();
+    let mut current = kvs.into_iter().find(|kv| kv.key == key);
+    let mut watch = c.coord.watch(key, revision).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(kv) = &current
+            && copy_text(kv, file).as_deref() == Some(text)
+        {
+            return kv.clone();
+        }
+        match tokio::time::timeout_at(deadline, watch.recv()).await {
+            Ok(Some(Ok(events))) => {
+                for e in events {
+                    match e {
+                        understudy_coord::WatchEvent::Put(kv) if kv.key == key => current = Some(kv),
+                        understudy_coord::WatchEvent::Delete { .. } => current = None,
+                        understudy_coord::WatchEvent::Put(_) => {}
+                    }
+                }
+            }
+            Ok(other) => panic!("the watch of {key} ended: {other:?}"),
+            Err(_) => panic!(
+                "timed out after {WAIT:?} waiting for the stored copy to read {text:?}; it is {:?}\n{}",
+                current.as_ref().map(|kv| copy_text(kv, file)),
+                c.logs()
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_stale_owner_resumed_after_a_pause_cannot_overwrite_its_successors_sync_copy() {
+    let _serial = SERIAL.lock().await;
+    let mut c = TestCluster::new(&sync_definition("/placeholder")).await;
+    let file = c.dir.path().join("settings.conf");
+    let path = file.display().to_string();
+    std::fs::write(c.config(), sync_definition(&path)).unwrap();
+    std::fs::write(&file, "written by the first owner").unwrap();
+    c.start_all();
+    let snap = c
+        .wait_for("settings running with all three nodes registered", WAIT, |s| {
+            s.running_on("web", &["settings"]).is_some() && NODES.iter().all(|n| s.view.nodes.contains_key(*n))
+        })
+        .await;
+    let owner = snap.owner("web").unwrap().to_string();
+    let key = c.keys.sync("settings");
+    wait_for_copy(&c, &key, &path, "written by the first owner").await;
+
+    // The owner is paused; another node takes over and changes the file.
+    c.agents.signal(&owner, Signal::SIGSTOP).unwrap();
+    let snap = c
+        .wait_for("settings running on another node", WAIT, |s| {
+            s.running_on("web", &["settings"]).is_some_and(|n| n != owner)
+        })
+        .await;
+    let successor = snap.owner("web").unwrap().to_string();
+    std::fs::write(&file, "written by the successor").unwrap();
+    let stored = wait_for_copy(&c, &key, &path, "written by the successor").await;
+
+    // The successor holds still (a short pause: far less than its lease),
+    // the file changes under the stale owner, and the stale owner resumes:
+    // its monitor or its stop tries to store that, under its old token.
+    c.agents.signal(&successor, Signal::SIGSTOP).unwrap();
+    std::fs::write(&file, "stale state of the old owner").unwrap();
+    c.agents.signal(&owner, Signal::SIGCONT).unwrap();
+    c.wait_for("the stale owner back with settings stopped", WAIT, |s| {
+        s.status.get(&owner).is_some_and(|v| v["session"] == true)
+            && !matches!(s.state(&owner, "settings"), Some("running" | "stopping"))
+    })
+    .await;
+    let now = c.coord.get(&key).await.unwrap().expect("the copy is still stored");
+    assert_eq!(
+        copy_text(&now, &path).as_deref(),
+        Some("written by the successor"),
+        "the stale owner overwrote its successor's copy"
+    );
+    assert_eq!(now.mod_revision, stored.mod_revision, "nothing wrote the copy since");
+    let log = std::fs::read_to_string(c.agents.log_path(&owner)).unwrap();
+    assert!(
+        log.contains("not stored") || log.contains("without storing the final copy"),
+        "the stale owner's store was refused, not skipped:\n{}",
+        c.logs()
+    );
+    c.agents.signal(&successor, Signal::SIGCONT).unwrap();
 }
 
 fn parse_guard_kill_time(log: &str) -> Option<u64> {

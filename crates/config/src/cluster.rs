@@ -1145,6 +1145,17 @@ fn cross_check(ctx: &mut Ctx, settings: &Settings, nodes: &[RawNode], groups: &[
                 )
                 .hint("remove `clone = true`; the group's owner mounts it");
             }
+            (Some(Kind::Sync(_)), Role::Clone) => {
+                ctx.error(
+                    "E013",
+                    r.role.span.clone(),
+                    format!(
+                        "sync resource `{}` cannot be a clone: only the group's owner stores the copy, fenced by its token",
+                        r.name.v
+                    ),
+                )
+                .hint("remove `clone = true`; the group's owner keeps the copy and hands it to the next owner");
+            }
             (Some(Kind::Process(_) | Kind::Sync(_)), Role::MonitorOnly) => {
                 let kind = r.kind.as_ref().map_or("", |k| k.name());
                 ctx.error(

@@ -118,6 +118,7 @@ pub fn parse_state(text: &str, spec: &ClusterSpec) -> Result<(Observed, Time), V
                         });
                         if let (Some(node), Some(at)) = (node, at) {
                             observed.group_mut(name).failures.push(Failure {
+                                id: String::new(),
                                 node: node.v,
                                 at: Time(millis(at.v)),
                                 resource,

@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 
-use crate::{Compare, CoordError, Coordinator, KeyValue, Revision, WatchEvent, WatchStream};
+use crate::{Compare, CoordError, Coordinator, Fence, KeyValue, Refused, Revision, WatchEvent, WatchStream};
 
 /// The TTL of the leases the expiry cases grant.
 pub const SHORT_TTL: Duration = Duration::from_millis(600);
@@ -75,6 +75,9 @@ macro_rules! conformance_tests {
             put_if_absent_once,
             put_if_absent_race,
             compare_revisions,
+            fenced_put_needs_the_token,
+            fenced_put_with_condition,
+            fenced_put_race,
             lease_revoke_deletes_keys,
             lease_expiry_deletes_keys,
             keep_alive_extends_expiry,
@@ -112,6 +115,9 @@ where
         put_if_absent_once,
         put_if_absent_race,
         compare_revisions,
+        fenced_put_needs_the_token,
+        fenced_put_with_condition,
+        fenced_put_race,
         lease_revoke_deletes_keys,
         lease_expiry_deletes_keys,
         keep_alive_extends_expiry,
@@ -493,6 +499,263 @@ pub async fn compare_revisions(a: &dyn Coordinator, b: &dyn Coordinator) {
         a.delete_if(k, Compare::CreateRevision(kv4.create_revision)).await,
         "delete_if"
     ));
+}
+
+/// A fenced write lands only while the fence key exists with the token as
+/// its create revision: an overwrite of the fence key keeps the token; once
+/// the key is deleted and re-created (a new owner), the old token's writes
+/// are refused with the fence key's current state, and change nothing.
+pub async fn fenced_put_needs_the_token(a: &dyn Coordinator, b: &dyn Coordinator) {
+    let (owner, data) = ("t/fenced/owner", "t/fenced/data");
+    let lease = ok(a.grant(Duration::from_secs(60)).await, "grant");
+    let first = ok(
+        ok(a.put_if(owner, b"a", Some(lease), Compare::Absent).await, "put_if"),
+        "campaign",
+    );
+    let fence = Fence::new(owner, first.create_revision);
+    let kv1 = ok(
+        ok(a.put_fenced(data, b"1", None, None, &fence).await, "put_fenced"),
+        "a fenced put under the live token",
+    );
+    assert_eq!(kv1.value, b"1");
+    assert_eq!(kv1.lease, None);
+    assert_eq!(ok(b.get(data).await, "get"), Some(kv1.clone()));
+    // A write to the fence key itself keeps its create revision: still fenced in.
+    ok(
+        a.put(owner, b"a again", Some(lease)).await,
+        "overwrite of the owner key",
+    );
+    let kv2 = ok(
+        ok(b.put_fenced(data, b"2", Some(lease), None, &fence).await, "put_fenced"),
+        "a fenced put after the owner key was overwritten",
+    );
+    assert_eq!(kv2.create_revision, kv1.create_revision);
+    assert!(kv2.mod_revision > kv1.mod_revision);
+    assert_eq!(kv2.lease, Some(lease), "a fenced put attaches its lease");
+
+    // The owner goes (its lease is revoked) and another takes over.
+    ok(a.revoke(lease).await, "revoke");
+    let r0 = store_revision(b, "t/fenced/").await;
+    let refused = ok(a.put_fenced(data, b"stale", None, None, &fence).await, "put_fenced");
+    assert_eq!(refused, Err(Refused::FenceLost(None)), "no owner key: refused");
+    let second = ok(
+        ok(b.put_if(owner, b"b", None, Compare::Absent).await, "put_if"),
+        "the successor's campaign",
+    );
+    assert!(second.create_revision > first.create_revision);
+    let successor = Fence::new(owner, second.create_revision);
+    let kv3 = ok(
+        ok(b.put_fenced(data, b"3", None, None, &successor).await, "put_fenced"),
+        "the successor's fenced put",
+    );
+    let r1 = store_revision(a, "t/fenced/").await;
+    let refused = ok(a.put_fenced(data, b"stale", None, None, &fence).await, "put_fenced");
+    assert_eq!(
+        refused,
+        Err(Refused::FenceLost(Some(second.clone()))),
+        "the stale owner's write is refused with the current owner key"
+    );
+    let refused = ok(
+        a.put_fenced(
+            data,
+            b"stale",
+            None,
+            Some(Compare::ModRevision(kv3.mod_revision)),
+            &fence,
+        )
+        .await,
+        "put_fenced",
+    );
+    assert_eq!(
+        refused,
+        Err(Refused::FenceLost(Some(second.clone()))),
+        "even with a condition that holds"
+    );
+    for token in [0, -1] {
+        let refused = ok(
+            a.put_fenced(data, b"x", None, None, &Fence::new(owner, token)).await,
+            "put_fenced with an impossible token",
+        );
+        assert_eq!(refused, Err(Refused::FenceLost(Some(second.clone()))), "token {token}");
+    }
+    assert_eq!(
+        ok(b.get(data).await, "get"),
+        Some(kv3.clone()),
+        "the refused writes left the successor's value"
+    );
+    assert_eq!(
+        store_revision(b, "t/fenced/").await,
+        r1,
+        "refused writes change nothing"
+    );
+    assert!(r1 > r0);
+    let fresh = ok(
+        ok(
+            a.put_fenced("t/fenced/new", b"n", None, None, &successor).await,
+            "put_fenced",
+        ),
+        "a fenced put creating a key",
+    );
+    assert_eq!(fresh.create_revision, fresh.mod_revision);
+}
+
+/// A fenced read-modify-write: the key's own condition and the fence are
+/// checked together; a failed condition under a live fence is a
+/// `Conflict` with the key's current state, a lost fence wins over it.
+pub async fn fenced_put_with_condition(a: &dyn Coordinator, b: &dyn Coordinator) {
+    let (owner, list) = ("t/fencedcas/owner", "t/fencedcas/list");
+    let held = ok(
+        ok(a.put_if(owner, b"a", None, Compare::Absent).await, "put_if"),
+        "campaign",
+    );
+    let fence = Fence::new(owner, held.create_revision);
+    let kv1 = ok(
+        ok(
+            a.put_fenced(list, b"[1]", None, Some(Compare::Absent), &fence).await,
+            "put_fenced",
+        ),
+        "create if absent, fenced",
+    );
+    let refused = ok(
+        b.put_fenced(list, b"[9]", None, Some(Compare::Absent), &fence).await,
+        "put_fenced",
+    );
+    assert_eq!(refused, Err(Refused::Conflict(Some(kv1.clone()))));
+    let kv2 = ok(
+        ok(
+            b.put_fenced(
+                list,
+                b"[1,2]",
+                None,
+                Some(Compare::ModRevision(kv1.mod_revision)),
+                &fence,
+            )
+            .await,
+            "put_fenced",
+        ),
+        "compare-and-swap, fenced",
+    );
+    assert_eq!(kv2.value, b"[1,2]");
+    let refused = ok(
+        a.put_fenced(
+            list,
+            b"[1,3]",
+            None,
+            Some(Compare::ModRevision(kv1.mod_revision)),
+            &fence,
+        )
+        .await,
+        "put_fenced",
+    );
+    assert_eq!(
+        refused,
+        Err(Refused::Conflict(Some(kv2.clone()))),
+        "a stale read is a conflict"
+    );
+    let refused = ok(
+        a.put_fenced(
+            list,
+            b"[1,3]",
+            None,
+            Some(Compare::CreateRevision(kv2.mod_revision + 1000)),
+            &fence,
+        )
+        .await,
+        "put_fenced",
+    );
+    assert_eq!(refused, Err(Refused::Conflict(Some(kv2.clone()))));
+    let refused = ok(
+        a.put_fenced(list, b"[1,3]", None, Some(Compare::ModRevision(-1)), &fence)
+            .await,
+        "put_fenced with an impossible condition",
+    );
+    assert_eq!(refused, Err(Refused::Conflict(Some(kv2.clone()))));
+
+    // The owner key changes hands: both conditions fail, the fence is reported.
+    assert!(ok(b.delete(owner).await, "delete"));
+    let other = ok(b.put(owner, b"b", None).await, "re-create");
+    let refused = ok(
+        a.put_fenced(
+            list,
+            b"[1,3]",
+            None,
+            Some(Compare::ModRevision(kv1.mod_revision)),
+            &fence,
+        )
+        .await,
+        "put_fenced",
+    );
+    assert_eq!(refused, Err(Refused::FenceLost(Some(other))));
+    let refused = ok(
+        a.put_fenced("t/fencedcas/none", b"x", None, Some(Compare::ModRevision(-1)), &fence)
+            .await,
+        "put_fenced with an impossible condition and a lost fence",
+    );
+    assert!(matches!(refused, Err(Refused::FenceLost(Some(_)))), "{refused:?}");
+    assert_eq!(ok(a.get(list).await, "get"), Some(kv2));
+}
+
+/// Fenced writes racing the owner key's replacement: every write that
+/// succeeded did so under the token the key had at that moment, so once
+/// the successor's write is in, no write of the old token follows it.
+pub async fn fenced_put_race(a: &dyn Coordinator, b: &dyn Coordinator) {
+    const WRITES: usize = 20;
+    let (owner, data) = ("t/fencedrace/owner", "t/fencedrace/data");
+    let old = ok(
+        ok(a.put_if(owner, b"old", None, Compare::Absent).await, "put_if"),
+        "campaign",
+    );
+    let stale = Fence::new(owner, old.create_revision);
+    let values: Vec<String> = (0..WRITES).map(|i| format!("stale-{i}")).collect();
+    let mut writes: Vec<Pin<Box<dyn Future<Output = Option<Revision>> + Send + '_>>> = values
+        .iter()
+        .map(|value| {
+            let stale = &stale;
+            Box::pin(async move {
+                match ok(
+                    a.put_fenced(data, value.as_bytes(), None, None, stale).await,
+                    "stale put_fenced",
+                ) {
+                    Ok(kv) => Some(kv.mod_revision),
+                    Err(Refused::FenceLost(_)) => None,
+                    Err(other) => panic!("a fenced put without a condition refused with {other:?}"),
+                }
+            }) as Pin<Box<dyn Future<Output = Option<Revision>> + Send + '_>>
+        })
+        .collect();
+    writes.push(Box::pin(async {
+        assert!(ok(
+            b.delete_if(owner, Compare::CreateRevision(old.create_revision)).await,
+            "resign"
+        ));
+        let new = ok(
+            ok(b.put_if(owner, b"new", None, Compare::Absent).await, "put_if"),
+            "the successor's campaign",
+        );
+        let kv = ok(
+            ok(
+                b.put_fenced(data, b"successor", None, None, &Fence::new(owner, new.create_revision))
+                    .await,
+                "put_fenced",
+            ),
+            "the successor's fenced put",
+        );
+        Some(-kv.mod_revision)
+    }));
+    let results = join_all(writes).await;
+    let successor = results.iter().flatten().find(|r| **r < 0).map(|r| -r);
+    let successor = some(successor, "the successor's write");
+    for rev in results.iter().flatten().filter(|r| **r > 0) {
+        assert!(
+            *rev < successor,
+            "a stale write landed at {rev}, after the successor's at {successor}"
+        );
+    }
+    assert_eq!(
+        some(ok(a.get(data).await, "get"), "the data key").value,
+        b"successor",
+        "the successor's copy is intact"
+    );
 }
 
 /// Keys attached to a lease vanish together when it is revoked; the lease is

@@ -12,6 +12,7 @@
 //! | `get`, `range` | `Range` (a prefix is `[prefix, prefix+1)`), paged at one revision; the header revision is the store revision |
 //! | `put` | a `Txn` with no condition: `Put` then `Range` of the key (the written key exactly as stored) |
 //! | `put_if`, `delete_if` | a `Txn` comparing `create_revision` (0 = absent) or `mod_revision`; the failure branch reads the key |
+//! | `put_fenced` | a `Txn` comparing the fence key's `create_revision` and the key's condition; the failure branch reads both keys |
 //! | `delete` | `DeleteRange` of the key |
 //! | `watch(prefix, after)` | `Watch` from `start_revision = after + 1` |
 //! | `append` | `Put` of `{journal_prefix}{handle id}{counter}`; the sequence number is the put's revision |
@@ -83,7 +84,9 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, timeout_at};
 use tonic::Code;
 
-use crate::{Compare, CoordError, Coordinator, KeyValue, LeaseId, Result, Revision, WatchEvent, WatchStream};
+use crate::{
+    Compare, CoordError, Coordinator, Fence, KeyValue, LeaseId, Refused, Result, Revision, WatchEvent, WatchStream,
+};
 
 /// Keys per page when `range` reads a large prefix.
 const RANGE_PAGE: i64 = 1_000;
@@ -589,6 +592,17 @@ fn txn_read(resp: &TxnResponse, op: &str) -> Result<Option<KeyValue>> {
     )))
 }
 
+/// Every key read by the `Get`s of a transaction branch, in order.
+fn txn_reads(resp: &TxnResponse) -> Result<Vec<Option<KeyValue>>> {
+    resp.op_responses()
+        .iter()
+        .filter_map(|r| match r {
+            TxnOpResponse::Get(get) => Some(get.kvs().first().map(convert_kv).transpose()),
+            _ => None,
+        })
+        .collect()
+}
+
 fn txn_deleted(resp: &TxnResponse) -> bool {
     resp.op_responses()
         .iter()
@@ -807,6 +821,42 @@ impl Coordinator for EtcdCoordinator {
         current
             .map(Ok)
             .ok_or_else(|| CoordError::Other(format!("put_if of {key}: etcd did not return the key")))
+    }
+
+    async fn put_fenced(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: Option<LeaseId>,
+        cond: Option<Compare>,
+        fence: &Fence,
+    ) -> Result<Result<KeyValue, Refused>> {
+        let read_both = || vec![TxnOp::get(fence.key.as_str(), None), TxnOp::get(key, None)];
+        let fence_cmp = compare(&fence.key, Compare::CreateRevision(fence.token));
+        let key_cmp = match cond {
+            Some(cond) => compare(key, cond).map(Some),
+            None => Some(None),
+        };
+        let txn = match (fence_cmp, key_cmp) {
+            (Some(fence_cmp), Some(key_cmp)) => Txn::new()
+                .when(std::iter::once(fence_cmp).chain(key_cmp).collect::<Vec<_>>())
+                .and_then(vec![TxnOp::put(key, value, put_options(lease)), TxnOp::get(key, None)])
+                .or_else(read_both()),
+            // A condition that can never hold: read both keys to say why.
+            _ => Txn::new().when(vec![]).and_then(read_both()),
+        };
+        let resp = self.txn("put_fenced", Retry::IfNotSent, lease, txn).await?;
+        let reads = txn_reads(&resp)?;
+        if let [owner, current] = reads.as_slice() {
+            return Ok(Err(if fence.holds(owner.as_ref()) {
+                Refused::Conflict(current.clone())
+            } else {
+                Refused::FenceLost(owner.clone())
+            }));
+        }
+        txn_read(&resp, "put_fenced")?
+            .map(Ok)
+            .ok_or_else(|| CoordError::Other(format!("put_fenced of {key}: etcd did not return the key")))
     }
 
     async fn delete_if(&self, key: &str, cond: Compare) -> Result<bool> {

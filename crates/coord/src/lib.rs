@@ -10,6 +10,9 @@
 //! - **conditional writes** (compare a key's existence or revision, then write
 //!   or delete) — a group's owner key is created only if absent, and its create
 //!   revision is the owner's **fencing token**;
+//! - **fenced writes**: a write that lands only while another key (the owner
+//!   key) still has a given create revision, checked in the same transaction
+//!   as the write's own condition, so a stale owner's write is refused;
 //! - **watches**: every change under a prefix after a given revision, in order;
 //! - an append-only **event journal** (`understudy events`).
 //!
@@ -105,6 +108,38 @@ pub enum Compare {
     ModRevision(Revision),
 }
 
+/// The condition of a fenced write: `key` exists and was created at `token`
+/// ("store this while `owner/G` is still token T"). Overwriting the key
+/// keeps its create revision, so the fence holds until the key is deleted
+/// (or expires with its lease) and someone else creates it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub key: String,
+    pub token: Revision,
+}
+
+impl Fence {
+    pub fn new(key: impl Into<String>, token: Revision) -> Fence {
+        Fence { key: key.into(), token }
+    }
+
+    /// Whether the fence holds given the fence key's current state.
+    pub fn holds(&self, current: Option<&KeyValue>) -> bool {
+        current.is_some_and(|kv| kv.create_revision == self.token)
+    }
+}
+
+/// Why a fenced write wrote nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The fence no longer holds: the fence key's current state (`None`:
+    /// absent). The writer's token is stale; it must not retry.
+    FenceLost(Option<KeyValue>),
+    /// The fence holds but the write's own condition failed: the written
+    /// key's current state (read-modify-write: read again and retry).
+    Conflict(Option<KeyValue>),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CoordError {
     /// The coordinator cannot be reached or did not answer in time. Callers retry.
@@ -168,6 +203,19 @@ pub trait Coordinator: Send + Sync + 'static {
         lease: Option<LeaseId>,
         cond: Compare,
     ) -> Result<Result<KeyValue, Option<KeyValue>>>;
+
+    /// Writes a key if `fence` holds and, when given, `cond` holds for the
+    /// key, both checked in one transaction. `Ok(Err(FenceLost))` takes
+    /// precedence over `Ok(Err(Conflict))` when both fail. A refused write
+    /// changes nothing (not even the revision).
+    async fn put_fenced(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: Option<LeaseId>,
+        cond: Option<Compare>,
+        fence: &Fence,
+    ) -> Result<Result<KeyValue, Refused>>;
 
     /// Deletes a key if `cond` holds; `Ok(true)` when it was deleted.
     async fn delete_if(&self, key: &str, cond: Compare) -> Result<bool>;

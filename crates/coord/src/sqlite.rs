@@ -103,7 +103,9 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 use tokio::sync::mpsc;
 
-use crate::{Compare, CoordError, Coordinator, KeyValue, LeaseId, Result, Revision, WatchEvent, WatchStream};
+use crate::{
+    Compare, CoordError, Coordinator, Fence, KeyValue, LeaseId, Refused, Result, Revision, WatchEvent, WatchStream,
+};
 
 /// The schema this code reads and writes. Version 1 had no cluster id and no
 /// clock mark; opening such a store adds them.
@@ -1255,6 +1257,33 @@ impl Coordinator for SqliteCoordinator {
                 let current = get_kv(tx, &key)?;
                 if !compare_holds(cond, current.as_ref()) {
                     return Ok(Err(current));
+                }
+                put_in_tx(tx, &inner.opts, &key, &value, lease, current.as_ref()).map(Ok)
+            })
+        })
+        .await
+    }
+
+    async fn put_fenced(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: Option<LeaseId>,
+        cond: Option<Compare>,
+        fence: &Fence,
+    ) -> Result<Result<KeyValue, Refused>> {
+        let (key, value, fence) = (key.to_owned(), value.to_vec(), fence.clone());
+        self.run("put_fenced", move |conn, inner| {
+            write_tx(conn, inner, |tx, _| {
+                let owner = get_kv(tx, &fence.key)?;
+                if !fence.holds(owner.as_ref()) {
+                    return Ok(Err(Refused::FenceLost(owner)));
+                }
+                let current = get_kv(tx, &key)?;
+                if let Some(cond) = cond
+                    && !compare_holds(cond, current.as_ref())
+                {
+                    return Ok(Err(Refused::Conflict(current)));
                 }
                 put_in_tx(tx, &inner.opts, &key, &value, lease, current.as_ref()).map(Ok)
             })

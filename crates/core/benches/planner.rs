@@ -99,6 +99,7 @@ fn generate() -> (ClusterSpec, Observed) {
         state.owner = Some(g.nodes[i % 3].clone());
         if i % 7 == 0 {
             state.failures.push(Failure {
+                id: format!("bench:{i}"),
                 node: g.nodes[1].clone(),
                 at: Time(1_000),
                 resource: None,

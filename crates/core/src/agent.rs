@@ -170,6 +170,11 @@ pub enum Event {
     GuardDown { reason: String },
     /// A fence guard runs again.
     GuardUp,
+    /// The outcome of `RecordFailure` for the failure `id`: `landed` when the
+    /// record is in the group's list (written now or by an earlier attempt);
+    /// false when the coordinator refused it (the token is no longer the
+    /// owner key's) or the shell gave up.
+    FailureRecorded { group: String, id: String, landed: bool },
 }
 
 /// Why this node may start a group's resources: it holds the owner key.
@@ -268,8 +273,13 @@ pub enum Action {
         epoch: u64,
     },
     /// Append a failure of `group` on this node, stamped `at` (wall), to the
-    /// group's failure list.
-    RecordFailure { group: String, failure: Failure },
+    /// group's failure list, fenced by `token` (the owner key must still
+    /// have it) and idempotent by the failure's id; report `FailureRecorded`.
+    RecordFailure {
+        group: String,
+        failure: Failure,
+        token: i64,
+    },
     /// The group reached its requested node: clear the operator's move request.
     ClearMoveRequest { group: String },
     /// Mark this node as leaving in its registration (shutdown).
@@ -377,6 +387,10 @@ struct GroupRun {
     started_announced: bool,
     /// Resources of the group were touched and not all stopped since.
     active: bool,
+    /// A failure record (its id) not yet reported as landed or refused, and
+    /// how long the resign waits for it: the record is fenced by the token,
+    /// so it must land before the key is given back.
+    recording: Option<(String, Time)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -435,6 +449,8 @@ pub struct Agent {
     res: BTreeMap<String, Res>,
     /// Failures this node recorded that the view does not show yet.
     local_failures: Vec<(String, Failure)>,
+    /// Failures issued by this run, for their ids.
+    failure_seq: u64,
     shutting_down: bool,
     /// End of the join window: until then this agent does not take a group
     /// a more preferred node may be about to take (a cluster started all at
@@ -501,6 +517,7 @@ impl Agent {
             groups,
             res,
             local_failures: Vec::new(),
+            failure_seq: 0,
             shutting_down: false,
             join_until: None,
             join_wake: None,
@@ -534,6 +551,9 @@ impl Agent {
         for g in self.groups.values() {
             if let Some(r) = g.retry_at {
                 at(r);
+            }
+            if let Some((_, until)) = &g.recording {
+                at(*until);
             }
         }
         if let Session::Open {
@@ -751,6 +771,7 @@ impl Agent {
                         g.failing_over = false;
                         g.resigning = false;
                         g.started_announced = false;
+                        g.recording = None;
                         for r in self.managed_of(&group) {
                             if let Some(x) = self.res.get_mut(&r) {
                                 x.skipped = false;
@@ -798,6 +819,21 @@ impl Agent {
                         None,
                         "a fence guard runs again: rejoining".into(),
                     );
+                }
+            }
+            Event::FailureRecorded { group, id, landed } => {
+                if let Some(g) = self.groups.get_mut(&group)
+                    && g.recording.as_ref().is_some_and(|(waited, _)| *waited == id)
+                {
+                    // Landed or not (the shell logs why), the resign need
+                    // not wait any longer: a refused record means the key
+                    // is no longer ours.
+                    g.recording = None;
+                }
+                if !landed {
+                    // It will never show in the view: plan with what the
+                    // coordinator holds, like every other node.
+                    self.local_failures.retain(|(g, f)| !(*g == group && f.id == id));
                 }
             }
             Event::Shutdown => {
@@ -935,7 +971,7 @@ impl Agent {
             !view
                 .failures
                 .get(g)
-                .is_some_and(|list| list.iter().any(|x| x.node == f.node && x.at == f.at))
+                .is_some_and(|list| list.iter().any(|x| x.id == f.id))
         });
         let _ = now;
         self.view = Some(view);
@@ -962,6 +998,7 @@ impl Agent {
             g.failing_over = false;
             g.resigning = false;
             g.started_announced = false;
+            g.recording = None;
             self.journal(
                 EntryKind::Acquired,
                 Some(group),
@@ -1236,11 +1273,20 @@ impl Agent {
     /// Records a failure of `group` here and moves it away.
     fn fail_over(&mut self, now: Now, group: &str, resource: &str, why: &str) {
         let Some(g) = self.groups.get_mut(group) else { return };
-        if g.failing_over || g.held.is_none() {
+        let Some(token) = g.held else { return };
+        if g.failing_over {
             return;
         }
         g.failing_over = true;
+        // Unique without a clock or random numbers: tokens are never
+        // reused, and the counter tells apart failures under one token.
+        self.failure_seq += 1;
+        let id = format!("{}:{token}:{}", self.node, self.failure_seq);
+        // Recorded now, while the key is ours (the write is fenced by it);
+        // the resign waits, bounded, until it has landed or was refused.
+        g.recording = Some((id.clone(), now.mono + self.lease_ttl));
         let failure = Failure {
+            id,
             node: self.node.clone(),
             at: now.wall,
             resource: Some(resource.to_string()),
@@ -1249,6 +1295,7 @@ impl Agent {
         self.actions.push_back(Action::RecordFailure {
             group: group.to_string(),
             failure,
+            token,
         });
         self.journal(
             EntryKind::FailingOver,
@@ -1322,6 +1369,11 @@ impl Agent {
         for g in self.groups.values_mut() {
             if g.retry_at.is_some_and(|t| now.mono >= t) {
                 g.retry_at = None;
+            }
+            // Waited long enough for a failure record: resign without it
+            // (a write still retried is refused once the key is gone).
+            if g.recording.as_ref().is_some_and(|(_, until)| now.mono >= *until) {
+                g.recording = None;
             }
         }
         if self.session == Session::None && !self.shutting_down && self.retry_at.is_none() && self.guard_down.is_none()
@@ -1495,7 +1547,9 @@ impl Agent {
         let leave = g.failing_over || g.resigning || !target_me || given_up;
         if leave {
             let done = self.stop_in_order(name, &order, false);
-            if done && !g.resign_pending && g.retry_at.is_none_or(|t| now.mono >= t) {
+            // A failure record still on its way is fenced by this key.
+            let recording = self.groups.get(name).is_some_and(|g| g.recording.is_some());
+            if done && !recording && !g.resign_pending && g.retry_at.is_none_or(|t| now.mono >= t) {
                 if g.started_announced || g.active {
                     self.journal(EntryKind::GroupStopped, Some(name), None, "group stopped".into());
                 }

@@ -40,6 +40,11 @@ impl NodeState {
 /// immediate failover).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
+    /// Unique per failure (the node, the fencing token it held and a
+    /// counter; see `Agent`): a retried append of the same failure counts
+    /// once. Empty in records written before failures had ids.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
     pub node: String,
     pub at: Time,
     pub resource: Option<String>,

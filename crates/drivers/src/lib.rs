@@ -91,14 +91,30 @@ pub struct OpCtx {
     pub timeout: Duration,
 }
 
+/// Why a [`SyncStore`] did not store a copy.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The write was refused because it was not made by the group's current
+    /// owner (`OpCtx::token` is stale, or absent): the stored copy belongs to
+    /// the owner and was left alone. Retrying cannot help.
+    #[error("refused: {0}")]
+    Fenced(String),
+    /// The store could not be reached or failed; the text says why.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// Where a `sync` resource keeps its replicated copy: the coordinator, as
 /// the agent provides it (keys are the resource's; values are opaque bytes).
 #[async_trait]
 pub trait SyncStore: Send + Sync {
     /// The stored copy for `key`, if any.
     async fn load(&self, key: &str) -> Result<Option<Vec<u8>>, String>;
-    /// Replaces the stored copy for `key`.
-    async fn store(&self, key: &str, value: &[u8]) -> Result<(), String>;
+    /// Replaces the stored copy for `key` on behalf of `ctx.group`'s owner:
+    /// the write lands only while the group's owner key still has
+    /// `ctx.token` (a fenced write), so a stale owner resumed after a pause
+    /// cannot overwrite its successor's copy.
+    async fn store(&self, ctx: &OpCtx, key: &str, value: &[u8]) -> Result<(), StoreError>;
 }
 
 /// Where drivers keep their files and how they report spawned processes.

@@ -15,6 +15,12 @@
 //!   the active node reaches the store within one interval;
 //! - **stop**: the final state is stored.
 //!
+//! Every store is a fenced write on behalf of the group's owner (`ctx.token`,
+//! see `SyncStore::store`): a node that no longer owns the group — a stale
+//! owner resumed after a pause — cannot overwrite its successor's copy. A
+//! refused store fails a start or a monitor; a stop still succeeds (the
+//! copy is the new owner's, and nothing of ours is left to store).
+//!
 //! `paths` are files or directories (taken recursively). A path that does not
 //! exist is recorded as absent; applying a copy where a path is absent leaves
 //! a local one alone (deletions are not replicated: a file removed on the
@@ -36,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use understudy_core::spec::SyncSpec;
 
-use crate::{Driver, DriverEnv, DriverError, Health, OpCtx, SyncStore};
+use crate::{Driver, DriverEnv, DriverError, Health, OpCtx, StoreError, SyncStore};
 
 /// Largest copy stored.
 const MAX_BYTES: usize = 1 << 20;
@@ -113,23 +119,32 @@ impl SyncDriver {
         Ok(copy)
     }
 
-    async fn push(&self, op: &'static str, copy: &Copy) -> Result<(), DriverError> {
+    /// Stores `copy`; `Ok(Err(why))` when the store refused it because
+    /// this node no longer owns the group.
+    async fn push(&self, op: &'static str, ctx: &OpCtx, copy: &Copy) -> Result<Result<(), String>, DriverError> {
         let bytes = serde_json::to_vec(copy).map_err(|e| self.failed(op, format!("cannot encode the copy: {e}")))?;
-        self.store(op)?
-            .store(&self.resource, &bytes)
-            .await
-            .map_err(|e| self.failed(op, format!("cannot store the copy: {e}")))?;
+        match self.store(op)?.store(ctx, &self.resource, &bytes).await {
+            Ok(()) => {}
+            Err(StoreError::Fenced(why)) => return Ok(Err(why)),
+            Err(StoreError::Failed(e)) => return Err(self.failed(op, format!("cannot store the copy: {e}"))),
+        }
         *self.last.lock().await = Some(copy.clone());
-        Ok(())
+        Ok(Ok(()))
     }
 
-    /// Stores the local state if it differs from what was last stored.
-    async fn push_if_changed(&self, op: &'static str) -> Result<(), DriverError> {
+    /// Stores the local state if it differs from what was last stored;
+    /// `Ok(Err(why))` when the store refused it (see `push`).
+    async fn push_if_changed(&self, op: &'static str, ctx: &OpCtx) -> Result<Result<(), String>, DriverError> {
         let copy = self.snapshot(op).await?;
         if self.last.lock().await.as_ref() == Some(&copy) {
-            return Ok(());
+            return Ok(Ok(()));
         }
-        self.push(op, &copy).await
+        self.push(op, ctx, &copy).await
+    }
+
+    /// A refused store is an error (start, monitor).
+    fn owned(&self, op: &'static str, pushed: Result<(), String>) -> Result<(), DriverError> {
+        pushed.map_err(|why| self.failed(op, format!("the copy was not stored: {why}")))
     }
 }
 
@@ -152,7 +167,8 @@ impl Driver for SyncDriver {
                     .map_err(|e| self.failed("start", e))?;
                 *self.last.lock().await = Some(copy);
             }
-            self.push_if_changed("start").await
+            let pushed = self.push_if_changed("start", ctx).await?;
+            self.owned("start", pushed)
         };
         tokio::time::timeout(ctx.timeout, work)
             .await
@@ -169,8 +185,18 @@ impl Driver for SyncDriver {
         if ctx.timeout.is_zero() {
             return Ok(());
         }
-        match tokio::time::timeout(ctx.timeout, self.push_if_changed("stop")).await {
-            Ok(result) => result,
+        match tokio::time::timeout(ctx.timeout, self.push_if_changed("stop", ctx)).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(why))) => {
+                // The copy is the current owner's: leave it alone. Stopping
+                // needed nothing else.
+                tracing::warn!(
+                    resource = self.resource,
+                    "stopped without storing the final copy: {why}"
+                );
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(DriverError::timeout("stop", &self.resource, ctx.timeout)),
         }
     }
@@ -179,8 +205,11 @@ impl Driver for SyncDriver {
         if !self.running.load(std::sync::atomic::Ordering::SeqCst) {
             return Health::Stopped;
         }
-        match tokio::time::timeout(ctx.timeout, self.push_if_changed("monitor")).await {
-            Ok(Ok(())) => Health::Running,
+        match tokio::time::timeout(ctx.timeout, self.push_if_changed("monitor", ctx)).await {
+            Ok(Ok(pushed)) => match self.owned("monitor", pushed) {
+                Ok(()) => Health::Running,
+                Err(e) => Health::Failed(e.to_string()),
+            },
             Ok(Err(e)) => Health::Failed(e.to_string()),
             Err(_) => Health::Failed(format!("replicating the files took longer than {:?}", ctx.timeout)),
         }
@@ -277,6 +306,82 @@ fn write_copy(copy: &Copy) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store fenced like the agent's: a write lands only with the owner's token.
+    #[derive(Default)]
+    struct FencedStore {
+        owner: std::sync::Mutex<i64>,
+        copies: std::sync::Mutex<BTreeMap<String, Vec<u8>>>,
+    }
+
+    #[async_trait]
+    impl SyncStore for FencedStore {
+        async fn load(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+            Ok(self.copies.lock().unwrap().get(key).cloned())
+        }
+
+        async fn store(&self, ctx: &OpCtx, key: &str, value: &[u8]) -> Result<(), StoreError> {
+            let owner = *self.owner.lock().unwrap();
+            if ctx.token != Some(owner) {
+                return Err(StoreError::Fenced(format!("owned under token {owner}")));
+            }
+            self.copies.lock().unwrap().insert(key.to_string(), value.to_vec());
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stale_owner_cannot_overwrite_its_successors_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("app.conf");
+        std::fs::write(&file, b"v1").unwrap();
+        let store = Arc::new(FencedStore::default());
+        *store.owner.lock().unwrap() = 7;
+        let env = DriverEnv {
+            base_dir: dir.path().to_path_buf(),
+            state_dir: dir.path().to_path_buf(),
+            registry: Arc::new(crate::ProcessRegistry::new(
+                dir.path(),
+                Box::new(|_: &[(&str, i32)]| {}),
+            )),
+            sync: Some(store.clone()),
+        };
+        let spec = SyncSpec {
+            paths: vec![file.display().to_string()],
+        };
+        let driver = SyncDriver::new("settings", &spec, &env).unwrap();
+        let ctx = |token| OpCtx {
+            node: "node1".into(),
+            group: "g".into(),
+            token,
+            timeout: std::time::Duration::from_secs(5),
+        };
+        driver.start(&ctx(Some(7))).await.unwrap();
+        let stored = |store: &FencedStore| store.copies.lock().unwrap().get("settings").cloned().unwrap();
+        let v1 = stored(&store);
+        // Another node takes over (token 9) and stores its copy; this node,
+        // resumed, still has its own edits.
+        *store.owner.lock().unwrap() = 9;
+        let successor = serde_json::to_vec(&Copy::default()).unwrap();
+        store
+            .copies
+            .lock()
+            .unwrap()
+            .insert("settings".into(), successor.clone());
+        std::fs::write(&file, b"stale edit").unwrap();
+        let health = driver.monitor(&ctx(Some(7))).await;
+        assert!(
+            matches!(&health, Health::Failed(why) if why.contains("not stored")),
+            "{health:?}"
+        );
+        driver.stop(&ctx(Some(7))).await.expect("the stop itself succeeds");
+        assert_eq!(stored(&store), successor, "the successor's copy is intact");
+        assert_ne!(v1, successor);
+        // Without a token nothing is stored either, and a start says why.
+        let err = driver.start(&ctx(None)).await.unwrap_err();
+        assert!(err.to_string().contains("not stored"), "{err}");
+        assert_eq!(stored(&store), successor);
+    }
 
     #[test]
     fn a_copy_round_trips_through_files() {

@@ -34,6 +34,18 @@ pub enum Value {
     GroupAdmin(GroupAdmin),
 }
 
+/// What a write fenced by a group's token did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fenced {
+    /// The owner key still had the token; the write changed the key.
+    Written,
+    /// The owner key still had the token; there was nothing to change
+    /// (a retried write that had landed).
+    Unchanged,
+    /// The owner key is gone or has another create revision: refused.
+    FenceLost,
+}
+
 #[derive(Clone, Debug)]
 struct Kv {
     value: Value,
@@ -165,9 +177,22 @@ impl Coord {
         }
     }
 
-    /// Appends a failure (idempotent: a retried append of the same record
-    /// is not counted twice).
-    pub fn record_failure(&mut self, group: &str, failure: Failure) -> bool {
+    /// Whether `owner/<group>` still has create revision `token`: the fence
+    /// of every write made on behalf of the group (one transaction with the
+    /// write, like the real coordinators' `put_fenced`).
+    pub fn fence_holds(&self, group: &str, token: i64) -> bool {
+        self.keys
+            .get(&Key::Owner(group.into()))
+            .is_some_and(|kv| kv.create == token)
+    }
+
+    /// Appends a failure on behalf of the owner holding `token`: refused
+    /// once the owner key has another token; idempotent by the failure's id
+    /// (a retried append that had landed is not counted twice).
+    pub fn record_failure(&mut self, group: &str, failure: Failure, token: i64) -> Fenced {
+        if !self.fence_holds(group, token) {
+            return Fenced::FenceLost;
+        }
         let key = Key::Failures(group.into());
         let mut list = match self.keys.get(&key) {
             Some(Kv {
@@ -176,12 +201,23 @@ impl Coord {
             }) => l.clone(),
             _ => Vec::new(),
         };
-        if list.contains(&failure) {
-            return false;
+        if list.iter().any(|f| f.id == failure.id) {
+            return Fenced::Unchanged;
         }
         list.push(failure);
         self.put(key, Value::Failures(list), None);
-        true
+        Fenced::Written
+    }
+
+    /// The failures recorded for `group`.
+    pub fn failures(&self, group: &str) -> &[Failure] {
+        match self.keys.get(&Key::Failures(group.into())) {
+            Some(Kv {
+                value: Value::Failures(l),
+                ..
+            }) => l,
+            _ => &[],
+        }
     }
 
     pub fn group_admin(&self, group: &str) -> GroupAdmin {
@@ -356,5 +392,40 @@ mod tests {
         assert!(!c.keep_alive(l1, 3_600));
         let again = c.campaign("g", "node2", l2).unwrap_or_default();
         assert!(again > token, "a later owner has a larger token");
+    }
+
+    #[test]
+    fn failure_records_are_fenced_by_the_token_and_count_once() {
+        let mut c = Coord::new(2_000);
+        let l1 = c.open_session("node1", 0);
+        let token = c.campaign("g", "node1", l1).unwrap_or_default();
+        let failure = Failure {
+            id: format!("node1:{token}:1"),
+            node: "node1".into(),
+            at: understudy_core::time::Time(5),
+            resource: None,
+        };
+        assert_eq!(c.record_failure("g", failure.clone(), token), Fenced::Written);
+        assert_eq!(
+            c.record_failure("g", failure.clone(), token),
+            Fenced::Unchanged,
+            "a retried record counts once"
+        );
+        assert_eq!(c.failures("g").len(), 1);
+        assert!(c.resign("g", token));
+        let l2 = c.open_session("node2", 0);
+        let successor = c.campaign("g", "node2", l2).unwrap_or_default();
+        let late = Failure {
+            id: format!("node1:{token}:2"),
+            ..failure
+        };
+        assert_eq!(
+            c.record_failure("g", late.clone(), token),
+            Fenced::FenceLost,
+            "a stale owner's record is refused"
+        );
+        assert_eq!(c.record_failure("g", late, token + 1_000), Fenced::FenceLost);
+        assert!(c.fence_holds("g", successor));
+        assert_eq!(c.failures("g").len(), 1);
     }
 }

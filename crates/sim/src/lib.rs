@@ -16,7 +16,10 @@
 //!    orderly stop happens only when nothing depending on it is alive;
 //! 4. **liveness** (after healing every fault and settling): every group is
 //!    fully running exactly where the planner, run on the coordinator's
-//!    true state, places it.
+//!    true state, places it;
+//! 5. **fencing**: a failure record (a write on behalf of a group, fenced by
+//!    the writer's token) lands only while its node owns the group, and
+//!    counts once however often it was retried.
 //!
 //! Everything random comes from the seed ([`rng::Rng`], SplitMix64), so a
 //! failing seed replays bit for bit: `SIM_SEED=n cargo test -p understudy-sim`.

@@ -21,6 +21,9 @@ pub enum Violation {
         resource: String,
         detail: String,
     },
+    /// A write on behalf of a group landed without its writer owning the
+    /// group, or a retried failure record counted twice.
+    Fencing { group: String, detail: String },
     /// After healing and settling, a group is not where the planner says.
     Liveness { group: String, detail: String },
     /// An agent asked to be woken at the current instant over and over
@@ -39,6 +42,7 @@ impl Violation {
             Violation::Safety { .. } => "safety",
             Violation::Authority { .. } => "authority",
             Violation::Order { .. } => "order",
+            Violation::Fencing { .. } => "fencing",
             Violation::Liveness { .. } => "liveness",
             Violation::BusyLoop { .. } => "busy-loop",
             Violation::ExitWithLiveResources { .. } => "exit-with-live-resources",
@@ -57,6 +61,7 @@ impl fmt::Display for Violation {
                 write!(f, "AUTHORITY: {resource} started on {node}: {detail}")
             }
             Violation::Order { node, resource, detail } => write!(f, "ORDER: {resource} on {node}: {detail}"),
+            Violation::Fencing { group, detail } => write!(f, "FENCING: group {group}: {detail}"),
             Violation::Liveness { group, detail } => write!(f, "LIVENESS: group {group}: {detail}"),
             Violation::BusyLoop { node, detail } => write!(f, "BUSY LOOP on {node}: {detail}"),
             Violation::ExitWithLiveResources { node, resources } => {

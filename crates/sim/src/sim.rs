@@ -17,7 +17,7 @@ use understudy_core::planner;
 use understudy_core::spec::{ClusterSpec, Role};
 use understudy_core::time::{Time, millis};
 
-use crate::coord::Coord;
+use crate::coord::{Coord, Fenced};
 use crate::fault::{Fault, Named, Schedule};
 use crate::report::Violation;
 use crate::rng::Rng;
@@ -236,6 +236,7 @@ enum ReqKind {
     RecordFailure {
         group: String,
         failure: Failure,
+        token: i64,
     },
     ClearMove {
         group: String,
@@ -1249,7 +1250,9 @@ impl Sim {
             Action::Renew { lease } => self.send(n, ReqKind::Renew { lease }),
             Action::Campaign { group, lease } => self.send(n, ReqKind::Campaign { group, lease }),
             Action::Resign { group, token } => self.send(n, ReqKind::Resign { group, token }),
-            Action::RecordFailure { group, failure } => self.send(n, ReqKind::RecordFailure { group, failure }),
+            Action::RecordFailure { group, failure, token } => {
+                self.send(n, ReqKind::RecordFailure { group, failure, token })
+            }
             Action::ClearMoveRequest { group } => self.send(n, ReqKind::ClearMove { group }),
             Action::SetLeaving => {
                 self.nodes[n].leaving = true;
@@ -1470,7 +1473,18 @@ impl Sim {
                 let changed = self.coord.resign(&group, token);
                 (Some(Event::Resigned { group, ok: true }), changed)
             }
-            ReqKind::RecordFailure { group, failure } => (None, self.coord.record_failure(&group, failure)),
+            ReqKind::RecordFailure { group, failure, token } => {
+                let id = failure.id.clone();
+                let result = self.coord.record_failure(&group, failure.clone(), token);
+                if result == Fenced::Written {
+                    self.check_failure_record(&group, &failure);
+                }
+                let landed = result != Fenced::FenceLost;
+                (
+                    Some(Event::FailureRecorded { group, id, landed }),
+                    result == Fenced::Written,
+                )
+            }
             ReqKind::ClearMove { group } => (None, self.coord.clear_move(&group, &name)),
             ReqKind::SetLeaving { lease } => (None, self.coord.set_leaving(&name, lease)),
             ReqKind::Revoke { lease } => (None, self.coord.revoke(lease)),
@@ -1960,6 +1974,29 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// Check 5: a failure record lands only while its node owns the group
+    /// (the write is fenced by the node's token), and a failure counts once
+    /// however often its write was retried.
+    fn check_failure_record(&mut self, group: &str, failure: &Failure) {
+        let owner = self.coord.owner(group).map(|(node, _)| node.to_string());
+        let detail = if owner.as_deref() != Some(failure.node.as_str()) {
+            Some(format!(
+                "the failure {} of {} landed while {owner:?} owned the group",
+                failure.id, failure.node
+            ))
+        } else {
+            let list = self.coord.failures(group);
+            let copies = list.iter().filter(|f| f.id == failure.id).count();
+            (copies != 1).then(|| format!("the failure {} is recorded {copies} times", failure.id))
+        };
+        if let Some(detail) = detail {
+            self.fail(Violation::Fencing {
+                group: group.to_string(),
+                detail,
+            });
+        }
     }
 
     /// Check 2: a group resource starts only under the coordinator's owner

@@ -126,6 +126,17 @@ fn ok(resource: &str, op: Op) -> Event {
     }
 }
 
+/// The id of the failure the actions record.
+fn failure_id(actions: &[Action]) -> String {
+    actions
+        .iter()
+        .find_map(|a| match a {
+            Action::RecordFailure { failure, .. } => Some(failure.id.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no failure recorded: {actions:?}"))
+}
+
 /// Boots node1, wins `mgmt` with token 42 and starts everything.
 fn running_owner() -> Harness {
     let mut h = Harness::new(spec(), "node1");
@@ -332,7 +343,7 @@ fn restarts_a_failed_resource_with_its_dependents_then_fails_over_past_the_limit
     );
     assert!(
         failover.iter().any(
-            |a| matches!(a, Action::RecordFailure { group, failure } if group == "mgmt" && failure.node == "node1")
+            |a| matches!(a, Action::RecordFailure { group, failure, token: 42 } if group == "mgmt" && failure.node == "node1")
         )
     );
     // Orderly stop, dependents first (app and web have none), then resign.
@@ -346,6 +357,15 @@ fn restarts_a_failed_resource_with_its_dependents_then_fails_over_past_the_limit
     let out = h.step(ok("db", Op::Stop));
     assert_eq!(stops(&out), [("vip".to_string(), false)]);
     let out = h.step(ok("vip", Op::Stop));
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Resign { .. })),
+        "the failure record is fenced by the key: it lands first: {out:?}"
+    );
+    let out = h.step(Event::FailureRecorded {
+        group: "mgmt".into(),
+        id: failure_id(&failover),
+        landed: true,
+    });
     assert!(out.contains(&Action::Resign {
         group: "mgmt".into(),
         token: 42
@@ -844,10 +864,15 @@ fn a_group_placed_where_its_clone_was_given_up_fails_over() {
     });
     assert!(
         out.iter().any(
-            |a| matches!(a, Action::RecordFailure { group, failure } if group == "mgmt" && failure.node == "node2")
+            |a| matches!(a, Action::RecordFailure { group, failure, token: 21 } if group == "mgmt" && failure.node == "node2")
         ),
         "{out:?}"
     );
+    let out = h.step(Event::FailureRecorded {
+        group: "mgmt".into(),
+        id: failure_id(&out),
+        landed: true,
+    });
     assert!(out.contains(&Action::Resign {
         group: "mgmt".into(),
         token: 21
@@ -1433,4 +1458,125 @@ fn a_forced_retry_while_holding_the_lease_keeps_the_guard_armed() {
         }),
         "the guard is re-armed for the new deadline: {out:?}"
     );
+}
+
+/// Boots node1, wins `mgmt` with `token`, and fails vip's start: the group
+/// fails over. Returns the failover's actions.
+fn failed_start(h: &mut Harness, lease: i64, token: i64) -> Vec<Action> {
+    let out = h.step(Event::CampaignResult {
+        group: "mgmt".into(),
+        lease,
+        won: Some(token),
+    });
+    assert_eq!(starts(&out), ["vip"]);
+    h.step(Event::OpDone {
+        resource: "vip".into(),
+        op: Op::Start,
+        result: Err("no such device".into()),
+    })
+}
+
+#[test]
+fn a_failure_is_recorded_under_the_token_and_lands_before_the_key_is_given_back() {
+    let mut h = Harness::new(spec(), "node1");
+    h.boot(7, &["node1", "node2"], &[]);
+    let out = failed_start(&mut h, 7, 42);
+    let Some(Action::RecordFailure { group, failure, token }) =
+        out.iter().find(|a| matches!(a, Action::RecordFailure { .. }))
+    else {
+        panic!("no failure recorded: {out:?}")
+    };
+    assert_eq!((group.as_str(), *token), ("mgmt", 42), "fenced by the held token");
+    assert_eq!(failure.node, "node1");
+    assert!(!failure.id.is_empty());
+    let id = failure.id.clone();
+    assert_eq!(
+        stops(&out),
+        [("vip".to_string(), false)],
+        "the failed member is stopped"
+    );
+    let out = h.step(ok("vip", Op::Stop));
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Resign { .. })),
+        "the key is kept until the record has landed: {out:?}"
+    );
+    assert!(
+        h.agent.poll_timeout().is_some_and(|t| t <= Time(h.mono + 2_000)),
+        "the wait is bounded"
+    );
+    // A report about another record changes nothing.
+    let out = h.step(Event::FailureRecorded {
+        group: "mgmt".into(),
+        id: format!("{id}-other"),
+        landed: true,
+    });
+    assert!(!out.iter().any(|a| matches!(a, Action::Resign { .. })), "{out:?}");
+    let out = h.step(Event::FailureRecorded {
+        group: "mgmt".into(),
+        id,
+        landed: true,
+    });
+    assert!(out.contains(&Action::Resign {
+        group: "mgmt".into(),
+        token: 42
+    }));
+}
+
+#[test]
+fn a_refused_failure_record_does_not_hold_the_resign_back() {
+    let mut h = Harness::new(spec(), "node1");
+    h.boot(7, &["node1", "node2"], &[]);
+    let out = failed_start(&mut h, 7, 42);
+    let id = failure_id(&out);
+    h.step(ok("vip", Op::Stop));
+    let out = h.step(Event::FailureRecorded {
+        group: "mgmt".into(),
+        id,
+        landed: false,
+    });
+    assert!(out.contains(&Action::Resign {
+        group: "mgmt".into(),
+        token: 42
+    }));
+}
+
+#[test]
+fn an_unanswered_failure_record_holds_the_resign_back_for_one_lease_ttl_at_most() {
+    let mut h = Harness::new(spec(), "node1");
+    h.boot(7, &["node1", "node2"], &[]);
+    failed_start(&mut h, 7, 42);
+    let out = h.step(ok("vip", Op::Stop));
+    assert!(!out.iter().any(|a| matches!(a, Action::Resign { .. })), "{out:?}");
+    // Renewals keep the session; the wait ends a lease TTL (2 s) after the failure.
+    let mut resigned_at = None;
+    for _ in 0..8 {
+        let at = h.agent.poll_timeout().expect("a timer");
+        let out = h.advance(at.as_millis().saturating_sub(h.mono).max(1));
+        h.step(Event::Renewed {
+            lease: 7,
+            sent_at: Time(h.mono),
+        });
+        if out.contains(&Action::Resign {
+            group: "mgmt".into(),
+            token: 42,
+        }) {
+            resigned_at = Some(h.mono);
+            break;
+        }
+    }
+    let resigned_at = resigned_at.expect("resigned after the bounded wait");
+    assert!(resigned_at >= 1_000 + 2_000, "resigned at {resigned_at}: too early");
+}
+
+#[test]
+fn failure_ids_are_unique_across_runs_of_the_agent() {
+    let mut h = Harness::new(spec(), "node1");
+    h.boot(7, &["node1", "node2"], &[]);
+    let first = failure_id(&failed_start(&mut h, 7, 42));
+    // The agent restarts (its counter starts again) and wins the group
+    // again, under a new token.
+    let mut h = Harness::new(spec(), "node1");
+    h.boot(9, &["node1", "node2"], &[]);
+    let second = failure_id(&failed_start(&mut h, 9, 43));
+    assert_ne!(first, second);
 }
