@@ -12,7 +12,7 @@
 //! (no timing guesses: the test waits until the blocked process is in state
 //! `D`), needs no device-mapper (not available on every CI kernel), and is
 //! undone by the guard. The timeout wrapper itself is also unit-tested with
-//! a blocking closure in `src/fs.rs`.
+//! a blocking closure in `src/fs/mod.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
