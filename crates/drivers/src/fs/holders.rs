@@ -1,5 +1,19 @@
-//! The holder scan: which processes hold a mount (see the module docs of
-//! [`super`], stop step 1).
+//! The holder scan: which processes hold a mount.
+//!
+//! A native `/proc` scan (not `fuser`/`lsof`: no extra packages, no output
+//! parsing, and it tells *what* each process holds). A process holds the
+//! mount when its `cwd`, `root` or `exe` lies under the mountpoint on the
+//! mount's device, an open file descriptor is on this very mount (`mnt_id`
+//! in `/proc/<pid>/fdinfo/<fd>`; a chrooted process's descriptors are
+//! checked whatever their path), or `/proc/<pid>/maps` maps a file under the
+//! mountpoint from its device. Processes in another mount namespace hold
+//! their own copy of the mount and are left out. Processes are identified
+//! by pid *and* start time, so a reused pid is never signalled.
+//!
+//! The `fs` driver's stop and the fence guard both use it ([`find`]), so
+//! both take away the same set of processes. It is synchronous and reads
+//! only `/proc`; a caller that must stay bounded runs it on a thread of its
+//! own (a `stat` of a `/proc/<pid>/cwd` link on a hung disk may block).
 
 use std::collections::HashSet;
 use std::fs;
@@ -12,23 +26,25 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::stat::makedev;
 use nix::unistd::Pid;
 
-use super::mountinfo::{MountEntry, under};
+use super::mountinfo::{MountEntry, mountpoint_key, read_mountinfo, top_at, under};
 use crate::procfs;
 
 /// A process holding the mount.
-#[derive(Clone, Debug)]
-pub(super) struct Holder {
-    pub(super) pid: i32,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: i32,
     /// Start time (clock ticks since boot): with the pid, the identity.
-    pub(super) start: u64,
-    pub(super) state: char,
-    pub(super) cmdline: String,
+    pub start: u64,
+    /// Its state (`/proc/<pid>/stat` field 3): `D` = stuck in the kernel.
+    pub state: char,
+    pub cmdline: String,
     /// What it holds: `cwd /srv/x`, `fd 3 → /srv/x/f`, `maps /srv/x/lib.so`.
-    pub(super) what: Vec<String>,
-    /// A child of the agent still running the agent's program: forked but
-    /// not yet exec'd, holding copies of the agent's own descriptors for an
-    /// instant. Left alone (exec closes them); see [`find_holders`].
-    pub(super) unexeced_fork: bool,
+    pub what: Vec<String>,
+    /// A child of the scanning process still running the scanner's program:
+    /// forked but not yet exec'd, holding copies of the scanner's own
+    /// descriptors for an instant. The `fs` driver leaves it alone (exec
+    /// closes them); see [`find_holders`].
+    pub unexeced_fork: bool,
 }
 
 impl Holder {
@@ -37,18 +53,17 @@ impl Holder {
     }
 
     /// Still the same live (non-zombie) process.
-    pub(super) fn alive(&self) -> bool {
+    pub fn alive(&self) -> bool {
         procfs::stat(self.pid).is_some_and(|s| s.is_live() && s.start_time == self.start)
     }
 
-    /// Sends `sig` if the pid still names the same process.
-    pub(super) fn signal(&self, sig: Signal) {
-        if procfs::start_time(self.pid) == Some(self.start)
-            && let Err(e) = kill(Pid::from_raw(self.pid), sig)
-            && e != Errno::ESRCH
-        {
-            tracing::warn!("cannot send {} to process {}: {e}", sig.as_str(), self.pid);
+    /// Sends `sig` if the pid still names the same process; `ESRCH` when it
+    /// does not (it is gone, or the pid was reused).
+    pub fn signal(&self, sig: Signal) -> Result<(), Errno> {
+        if procfs::start_time(self.pid) != Some(self.start) {
+            return Err(Errno::ESRCH);
         }
+        kill(Pid::from_raw(self.pid), sig)
     }
 }
 
@@ -151,6 +166,22 @@ pub(super) fn holdings(pid: i32, mount: &MountEntry) -> Vec<String> {
         }
     }
     what
+}
+
+/// Every process of this mount namespace holding the filesystem mounted at
+/// `mountpoint` (the top one, when several are stacked there), the caller
+/// included. Empty when nothing is mounted there (or the mount table cannot
+/// be read). Symlinks in `mountpoint` are resolved as the kernel shows the
+/// mount.
+pub fn find(mountpoint: &Path) -> Vec<Holder> {
+    let mp = mountpoint_key(&mountpoint.to_string_lossy());
+    let Ok(entries) = read_mountinfo() else {
+        return Vec::new();
+    };
+    match top_at(&entries, &mp) {
+        Some(mount) => find_holders(mount),
+        None => Vec::new(),
+    }
 }
 
 /// Every process in our mount namespace holding `mount`.

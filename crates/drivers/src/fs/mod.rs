@@ -53,15 +53,11 @@
 //!   mountpoint (if the device is mounted elsewhere, that mount is not ours
 //!   and is left alone with a warning). Otherwise, until the mount is gone or
 //!   the timeout is spent:
-//!   1. finds the processes holding the mount with a native `/proc` scan (not
-//!      `fuser`/`lsof`: no extra packages, no output parsing, and it tells us
-//!      *what* each process holds). A process holds the mount when its `cwd`,
-//!      `root` or `exe` lies under the mountpoint on the mount's device, an
-//!      open file descriptor is on this very mount (`mnt_id` in
-//!      `/proc/<pid>/fdinfo/<fd>`), or `/proc/<pid>/maps` maps a file under
-//!      the mountpoint from its device. Processes in another mount namespace
-//!      hold their own copy of the mount and are left alone. Processes are
-//!      identified by pid *and* start time, so a reused pid is never signalled;
+//!   1. finds the processes holding the mount with the [`holders`] scan
+//!      (`cwd`, `root` or `exe` under the mountpoint, an open file on this
+//!      very mount, a mapped file; this mount namespace only; pid and start
+//!      time, so a reused pid is never signalled). The fence guard uses the
+//!      same scan;
 //!   2. sends them SIGTERM, waits up to 5 s (at most a third of the time
 //!      left) for them to exit, SIGKILLs the rest and waits for them (up to
 //!      5 s). A process that already had SIGKILL in an earlier round gets it
@@ -166,10 +162,10 @@
 //! - `marker`: the fencing marker and the other steps after mounting
 //!   (directories, leftover probe files);
 //! - `fsck`: running fsck and what its exit status means;
-//! - `holders`: the `/proc` scan for the processes holding a mount.
+//! - [`holders`]: the `/proc` scan for the processes holding a mount.
 
 mod fsck;
-mod holders;
+pub mod holders;
 mod marker;
 mod mountinfo;
 
@@ -565,7 +561,7 @@ impl FsDriver {
                 self.spec.mountpoint,
                 h.what.join("; ")
             );
-            h.signal(Signal::SIGTERM);
+            self.send(h, Signal::SIGTERM);
         }
         if !fresh.is_empty() {
             wait_gone(&fresh, TERM_GRACE.min(left(deadline) / 3)).await;
@@ -582,10 +578,24 @@ impl FsDriver {
                 h.cmdline,
                 self.spec.mountpoint
             );
-            h.signal(Signal::SIGKILL);
+            self.send(h, Signal::SIGKILL);
             killed.insert(h.key());
         }
         wait_gone(&survivors, KILL_WAIT.min(left(deadline))).await;
+    }
+
+    /// Sends `sig` to a holder, if it is still the same process.
+    fn send(&self, h: &Holder, sig: Signal) {
+        if let Err(e) = h.signal(sig)
+            && e != Errno::ESRCH
+        {
+            tracing::warn!(
+                "{}: cannot send {} to process {}: {e}",
+                self.resource,
+                sig.as_str(),
+                h.pid
+            );
+        }
     }
 
     /// The loud failure of a stop that could not unmount.

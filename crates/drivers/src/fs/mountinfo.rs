@@ -135,22 +135,26 @@ pub(super) fn read_mountinfo() -> Result<Vec<MountEntry>, String> {
         .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))
 }
 
+/// The mount on top at `mp`: of a stack of mounts at one place, the one no
+/// other mount there sits on.
+pub(super) fn top_at<'a>(entries: &'a [MountEntry], mp: &str) -> Option<&'a MountEntry> {
+    let at: Vec<&MountEntry> = entries.iter().filter(|e| e.mountpoint == mp).collect();
+    at.iter()
+        .rev()
+        .find(|e| !at.iter().any(|o| o.parent == e.id))
+        .or(at.last())
+        .copied()
+}
+
 /// Classifies the mount table for the filesystem `ident` at `mp`.
 pub(super) fn mount_state(entries: &[MountEntry], mp: &str, ident: &Ident) -> MountState {
     let at: Vec<&MountEntry> = entries.iter().filter(|e| e.mountpoint == mp).collect();
-    // The top of a stack of mounts at one place is the one no other mount
-    // there sits on.
-    let top = at
-        .iter()
-        .rev()
-        .find(|e| !at.iter().any(|o| o.parent == e.id))
-        .or(at.last());
-    if let Some(top) = top {
+    if let Some(top) = top_at(entries, mp) {
         if ident.matches(top) {
-            return MountState::Mounted((*top).clone());
+            return MountState::Mounted(top.clone());
         }
         return MountState::Other {
-            top: (*top).clone(),
+            top: top.clone(),
             ours_beneath: at.iter().any(|e| ident.matches(e)),
         };
     }
