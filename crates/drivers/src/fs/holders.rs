@@ -43,7 +43,7 @@ pub struct Holder {
     /// A child of the scanning process still running the scanner's program:
     /// forked but not yet exec'd, holding copies of the scanner's own
     /// descriptors for an instant. The `fs` driver leaves it alone (exec
-    /// closes them); see [`find_holders`].
+    /// closes them).
     pub unexeced_fork: bool,
 }
 

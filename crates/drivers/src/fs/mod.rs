@@ -52,7 +52,9 @@
 //! - **stop** does nothing when the filesystem is not mounted at the
 //!   mountpoint (if the device is mounted elsewhere, that mount is not ours
 //!   and is left alone with a warning). Otherwise, until the mount is gone or
-//!   the timeout is spent:
+//!   the timeout is spent (first, the monitor's I/O probe is stopped: one
+//!   in flight gets SIGKILL and is waited for, up to a third of the time, and
+//!   none starts until stop returns):
 //!   1. finds the processes holding the mount with the [`holders`] scan
 //!      (`cwd`, `root` or `exe` under the mountpoint, an open file on this
 //!      very mount, a mapped file; this mount namespace only; pid and start
@@ -83,23 +85,30 @@
 //!   by the last unmount attempt, the rest for the final scan that names the
 //!   holders.
 //!
-//! - **monitor** (on its own thread, awaited with `ctx.timeout`):
-//!   - `Failed` when the filesystem is not mounted at the mountpoint any more,
-//!     when something else is mounted on top of it, or when a read-write
-//!     filesystem has been remounted read-only (ext4 `errors=remount-ro`).
-//!     An unmount behind the agent's back is a failure, not `Stopped`: the
-//!     driver cannot tell an administrator's `umount` from a lost disk, and
-//!     the agent treats both alike (restart or failover), which is right for
-//!     a resource it believes it runs.
-//!   - Otherwise an I/O probe: creates `.understudy-probe-<pid>-<nonce>` with
-//!     a random nonce, writes the nonce, fsyncs, reads it back, deletes the
-//!     file (read-only mounts: lists the root directory instead).
+//! - **monitor** (bounded by `ctx.timeout`):
+//!   - reads the mount table on a helper thread. `Failed` when the
+//!     filesystem is not mounted at the mountpoint any more, when something
+//!     else is mounted on top of it, or when a read-write filesystem has been
+//!     remounted read-only (ext4 `errors=remount-ro`). An unmount behind the
+//!     agent's back is a failure, not `Stopped`: the driver cannot tell an
+//!     administrator's `umount` from a lost disk, and the agent treats both
+//!     alike (restart or failover), which is right for a resource it
+//!     believes it runs.
+//!   - Otherwise an I/O probe, in a **child process** (`/bin/sh` running
+//!     `dd conv=excl,fsync`, `cat` and `rm`, in its own process group, dying
+//!     with the agent; see the `probe` module): creates
+//!     `.understudy-probe-<pid>-<nonce>` with a random nonce, writes the
+//!     nonce, fsyncs, reads it back, deletes the file (read-only mounts:
+//!     lists the root directory instead). The agent itself never opens a
+//!     file on the mount it guards, so a probe stuck on a hung disk is an
+//!     ordinary holder stop can kill and name, never "the agent itself".
 //!   - A probe that does not finish in time gives
-//!     `Failed("I/O probe timed out after …")`. Its thread may stay stuck in
-//!     the kernel; until it returns, later monitors report `Failed` at once
-//!     ("an earlier I/O probe … is still stuck") instead of piling up more
-//!     stuck threads. Threads are plain detached `std` threads, never tokio's
-//!     blocking pool, whose shutdown would wait for them.
+//!     `Failed("I/O probe timed out after …")` and its process group gets
+//!     SIGKILL. It may stay stuck in the kernel; until its group is gone,
+//!     later monitors report `Failed` at once ("an earlier I/O probe … is
+//!     still stuck") instead of piling up more stuck probes. Helper threads
+//!     are plain detached `std` threads, never tokio's blocking pool, whose
+//!     shutdown would wait for them.
 //!
 //! - **probe**: `Running` when the device is mounted at the mountpoint, else
 //!   `Stopped` (also when the device is mounted elsewhere, logged as a
@@ -155,8 +164,10 @@
 //!
 //! # Modules
 //!
-//! - this one: the driver (start, stop, monitor, probe), mount options, the
-//!   I/O probe and the helper-thread wrapper for calls that may block;
+//! - this one: the driver (start, stop, monitor, probe), mount options and
+//!   the helper-thread wrapper for calls that may block;
+//! - `probe`: the monitor's I/O probe in a child process, and the record of
+//!   the one in flight;
 //! - `mountinfo`: `/proc/self/mountinfo` parsed, and classified for one
 //!   resource;
 //! - `marker`: the fencing marker and the other steps after mounting
@@ -168,14 +179,15 @@ mod fsck;
 pub mod holders;
 mod marker;
 mod mountinfo;
+mod probe;
 
 use std::collections::HashSet;
 use std::collections::hash_map::RandomState;
 use std::fmt::Write as _;
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::hash::BuildHasher;
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -212,8 +224,8 @@ pub struct FsDriver {
     log_path: PathBuf,
     /// The device as resolved by the last successful resolution.
     device: Mutex<Option<Device>>,
-    /// Since when a monitor probe thread has been running, while it runs.
-    probe_busy: Arc<Mutex<Option<Instant>>>,
+    /// The monitor's I/O probe in flight, if any.
+    probes: Arc<probe::Probes>,
     /// Serialises start and stop.
     op: tokio::sync::Mutex<()>,
 }
@@ -282,42 +294,6 @@ fn nonce() -> String {
     format!("{a:016x}{b:016x}")
 }
 
-/// The monitor's write-and-read probe (read-only mounts: a directory read).
-fn io_probe(mp: &Path, readonly: bool) -> Result<(), String> {
-    if readonly {
-        return fs::read_dir(mp)
-            .and_then(|mut d| d.next().transpose())
-            .map(drop)
-            .map_err(|e| format!("I/O probe: cannot read {}: {e}", mp.display()));
-    }
-    let nonce = nonce();
-    let path = mp.join(format!("{PROBE_PREFIX}{}-{nonce}", std::process::id()));
-    let run = || -> Result<(), String> {
-        let mut f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| format!("create: {e}"))?;
-        f.write_all(nonce.as_bytes()).map_err(|e| format!("write: {e}"))?;
-        f.sync_all().map_err(|e| format!("fsync: {e}"))?;
-        let mut back = String::new();
-        f.seek(SeekFrom::Start(0))
-            .and_then(|_| f.read_to_string(&mut back))
-            .map_err(|e| format!("read back: {e}"))?;
-        if back != nonce {
-            return Err(format!("read back `{back}` instead of `{nonce}`"));
-        }
-        drop(f);
-        fs::remove_file(&path).map_err(|e| format!("delete: {e}"))
-    };
-    run().map_err(|e| {
-        let _ = fs::remove_file(&path);
-        format!("I/O probe on {} failed: {e}", path.display())
-    })
-}
-
 /// Why a call on a helper thread gave no answer.
 #[derive(Debug)]
 enum BlockingError {
@@ -356,15 +332,6 @@ where
         Ok(Ok(v)) => Ok(v),
         Ok(Err(_)) => Err(BlockingError::Lost),
         Err(_) => Err(BlockingError::TimedOut(timeout)),
-    }
-}
-
-/// Clears a "probe running" slot when the probe thread ends, even by panic.
-struct ClearOnDrop(Arc<Mutex<Option<Instant>>>);
-
-impl Drop for ClearOnDrop {
-    fn drop(&mut self) {
-        *lock(&self.0) = None;
     }
 }
 
@@ -422,7 +389,7 @@ impl FsDriver {
             spec: spec.clone(),
             log_path: env.state_dir.join("logs").join(format!("{resource}.log")),
             device: Mutex::new(None),
-            probe_busy: Arc::new(Mutex::new(None)),
+            probes: Arc::default(),
             op: tokio::sync::Mutex::new(()),
         })
     }
@@ -534,6 +501,8 @@ impl FsDriver {
 
     /// Undoes a fresh mount after a failed start; says how that went.
     async fn undo_mount(&self, mp: &str, deadline: Instant) -> String {
+        let _quiet = self.probes.quiet();
+        self.probes.kill(deadline).await;
         match self.umount_once(mp, left(deadline)).await {
             Ok(Ok(())) => format!("{mp} unmounted again"),
             Ok(Err(e)) => format!("and unmounting {mp} again failed: {e}; stop the resource to clean up"),
@@ -582,6 +551,15 @@ impl FsDriver {
             killed.insert(h.key());
         }
         wait_gone(&survivors, KILL_WAIT.min(left(deadline))).await;
+    }
+
+    /// A monitor's answer while an earlier probe is still running.
+    fn still_stuck(&self, since: Instant) -> Health {
+        Health::Failed(format!(
+            "an earlier I/O probe of {} is still stuck after {:?}: the disk may be hung",
+            self.spec.mountpoint,
+            since.elapsed()
+        ))
     }
 
     /// Sends `sig` to a holder, if it is still the same process.
@@ -801,6 +779,17 @@ impl Driver for FsDriver {
         let last_try = deadline - reserve / 2;
         let ident = self.ident(left(work).min(BLKID_TIMEOUT)).await;
         let mp = self.mountpoint();
+        // The monitor's I/O probe must not hold the mount: none starts from
+        // now on, and one in flight is killed (it may be stuck on a hung
+        // disk; then it is a holder like any other, named if the mount
+        // stays busy).
+        let _quiet = self.probes.quiet();
+        if !self.probes.kill(Instant::now() + KILL_WAIT.min(left(work) / 3)).await {
+            tracing::warn!(
+                "{}: the I/O probe of {mp} survives SIGKILL (is the disk hung?)",
+                self.resource
+            );
+        }
         let mut killed = HashSet::new();
         let mut last = None;
         loop {
@@ -879,62 +868,70 @@ impl Driver for FsDriver {
     async fn monitor(&self, ctx: &OpCtx) -> Health {
         let started = Instant::now();
         let deadline = started + ctx.timeout;
-        if let Some(since) = *lock(&self.probe_busy) {
-            return Health::Failed(format!(
-                "an earlier I/O probe of {} is still stuck after {:?}: the disk may be hung",
-                self.spec.mountpoint,
-                since.elapsed()
-            ));
+        if let Some(since) = self.probes.busy_since() {
+            return self.still_stuck(since);
         }
         let ident = self.ident(left(deadline)).await;
+        let slot = match self.probes.begin() {
+            Ok(slot) => slot,
+            Err(since) => return self.still_stuck(since),
+        };
         let spec_mp = self.spec.mountpoint.clone();
         let want_rw = !self.readonly();
-        *lock(&self.probe_busy) = Some(started);
-        let slot = ClearOnDrop(Arc::clone(&self.probe_busy));
+        // The mount table on a helper thread (bounded even if reading it
+        // blocks); the slot comes back with the answer, or stays with a
+        // stuck thread.
         let check = move || {
-            let _slot = slot;
             let mp = mountpoint_key(&spec_mp);
             let entries = match read_mountinfo() {
                 Ok(e) => e,
-                Err(e) => return Health::Failed(e),
+                Err(e) => return (slot, Err(Health::Failed(e))),
             };
-            match mount_state(&entries, &mp, &ident) {
+            let verdict = match mount_state(&entries, &mp, &ident) {
                 MountState::Mounted(m) => {
                     if want_rw && m.read_only() {
-                        return Health::Failed(format!(
+                        Err(Health::Failed(format!(
                             "{} at {mp} has been remounted read-only (filesystem errors?)",
                             ident.describe()
-                        ));
-                    }
-                    match io_probe(Path::new(&mp), m.read_only()) {
-                        Ok(()) => Health::Running,
-                        Err(e) => Health::Failed(e),
+                        )))
+                    } else {
+                        Ok((mp, m.read_only()))
                     }
                 }
-                MountState::NotMounted => {
-                    Health::Failed(format!("{} is not mounted at {mp} any more", ident.describe()))
-                }
-                MountState::Other { top, .. } => Health::Failed(format!(
+                MountState::NotMounted => Err(Health::Failed(format!(
+                    "{} is not mounted at {mp} any more",
+                    ident.describe()
+                ))),
+                MountState::Other { top, .. } => Err(Health::Failed(format!(
                     "{mp} now holds another filesystem ({} from {}) instead of {}",
                     top.fstype,
                     top.source,
                     ident.describe()
-                )),
-                MountState::Elsewhere(es) => Health::Failed(format!(
+                ))),
+                MountState::Elsewhere(es) => Err(Health::Failed(format!(
                     "{} is not mounted at {mp} any more (it is mounted at {})",
                     ident.describe(),
                     es.iter().map(|e| e.mountpoint.as_str()).collect::<Vec<_>>().join(", ")
-                )),
-            }
+                ))),
+            };
+            (slot, verdict)
         };
-        let budget = left(deadline);
-        match run_blocking("us-fs-probe", budget, check).await {
-            Ok(h) => h,
-            Err(BlockingError::TimedOut(_)) => Health::Failed(format!(
+        let timed_out = || {
+            Health::Failed(format!(
                 "I/O probe timed out after {:?} ({}): the disk may be hung",
                 ctx.timeout, self.spec.mountpoint
-            )),
-            Err(e) => Health::Failed(format!("the I/O probe of {} {e}", self.spec.mountpoint)),
+            ))
+        };
+        let (slot, (mp, readonly)) = match run_blocking("us-fs-probe", left(deadline), check).await {
+            Ok((_, Err(h))) => return h,
+            Ok((slot, Ok(found))) => (slot, found),
+            Err(BlockingError::TimedOut(_)) => return timed_out(),
+            Err(e) => return Health::Failed(format!("the I/O probe of {} {e}", self.spec.mountpoint)),
+        };
+        match probe::run(&self.probes, slot, ctx, &self.resource, &mp, readonly, deadline).await {
+            probe::Outcome::Passed => Health::Running,
+            probe::Outcome::Failed(why) => Health::Failed(why),
+            probe::Outcome::TimedOut => timed_out(),
         }
     }
 
