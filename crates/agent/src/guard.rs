@@ -571,48 +571,55 @@ fn unescape(word: &str) -> String {
     word.replace("%20", " ").replace("%25", "%")
 }
 
-/// SIGKILLs every process of this mount namespace whose working directory,
-/// root or an open file is on `mountpoint` (a /proc scan, like `fuser -k
-/// -m`). Returns their pids.
+/// How long the guard lets the scan for a mount's holders run.
+const HOLDER_SCAN_WAIT: Duration = Duration::from_secs(2);
+/// How long the guard waits for a mount's killed holders to vanish before
+/// it unmounts.
+const HOLDER_KILL_WAIT: Duration = Duration::from_secs(2);
+
+/// SIGKILLs every process of this mount namespace that holds the filesystem
+/// mounted at `mountpoint` — the `fs` driver's own holder scan
+/// ([`understudy_drivers::fs::holders::find`]: working directory, root,
+/// executable, open files on the mount, mapped files), so the guard and the
+/// driver's stop take away the same set — except the guard itself and pid
+/// 1, then waits (at most [`HOLDER_KILL_WAIT`]) for them to vanish. The
+/// scan runs on a thread of its own, bounded by [`HOLDER_SCAN_WAIT`] (it
+/// may block on a hung disk). Returns the pids killed.
 fn kill_users_of(mountpoint: &Path) -> Vec<i32> {
-    let me = std::process::id();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
+    let me = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
+    let Some(holders) = bounded(HOLDER_SCAN_WAIT, {
+        let mp = mountpoint.to_path_buf();
+        move || understudy_drivers::fs::holders::find(&mp)
+    }) else {
+        eprintln!(
+            "understudy fence-guard: the scan for processes holding {} did not finish in {HOLDER_SCAN_WAIT:?}",
+            mountpoint.display()
+        );
         return Vec::new();
     };
-    let on_mount = |p: &Path| p == mountpoint || p.starts_with(mountpoint);
-    // Paths only mean something within one mount namespace: a process in
-    // another one (another node in a test bed, a container) is not ours.
-    let my_ns = std::fs::read_link("/proc/self/ns/mnt").ok();
-    let mut killed = Vec::new();
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid == me || pid == 1 {
-            continue;
-        }
-        let dir = e.path();
-        if my_ns.is_none() || std::fs::read_link(dir.join("ns/mnt")).ok() != my_ns {
-            continue;
-        }
-        let mut uses = ["cwd", "root"]
-            .iter()
-            .filter_map(|l| std::fs::read_link(dir.join(l)).ok())
-            .any(|p| on_mount(&p));
-        if !uses && let Ok(fds) = std::fs::read_dir(dir.join("fd")) {
-            uses = fds
-                .flatten()
-                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-                .any(|p| on_mount(&p));
-        }
-        if uses
-            && let Ok(pid) = i32::try_from(pid)
-            && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok()
-        {
-            killed.push(pid);
-        }
+    let killed: Vec<_> = holders
+        .into_iter()
+        .filter(|h| h.pid != me && h.pid > 1 && h.signal(Signal::SIGKILL).is_ok())
+        .collect();
+    let deadline = Instant::now() + HOLDER_KILL_WAIT;
+    while killed.iter().any(|h| h.alive()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
     }
-    killed
+    killed.into_iter().map(|h| h.pid).collect()
+}
+
+/// Runs `f` on a thread of its own and waits at most `wait` for its result;
+/// `None` if it did not finish (the thread is left behind).
+fn bounded<T: Send + 'static>(wait: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("us-guard-scan".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| eprintln!("understudy fence-guard: cannot start a thread: {e}"))
+        .ok()?;
+    rx.recv_timeout(wait).ok()
 }
 
 /// How long the guard waits, in all, for killed cgroups to empty.
@@ -644,5 +651,125 @@ fn kill_all(pgids: &[i32]) {
         if pgid > 1 {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::path::PathBuf;
+
+    use super::*;
+
+    /// A tmpfs on a temporary directory and the processes a test started
+    /// on it; dropping it (also when the test panics) kills and reaps them
+    /// and unmounts the tmpfs. Needs root, like the `fs` driver's tests.
+    struct Tmpfs {
+        _dir: tempfile::TempDir,
+        mp: PathBuf,
+        children: Vec<Child>,
+    }
+
+    impl Tmpfs {
+        fn new() -> Tmpfs {
+            let dir = tempfile::Builder::new().prefix("understudy-guard-").tempdir().unwrap();
+            let mp = std::fs::canonicalize(dir.path()).unwrap().join("mnt");
+            std::fs::create_dir(&mp).unwrap();
+            let none: Option<&str> = None;
+            nix::mount::mount(Some("tmpfs"), &mp, Some("tmpfs"), nix::mount::MsFlags::empty(), none).unwrap();
+            Tmpfs {
+                _dir: dir,
+                mp,
+                children: Vec::new(),
+            }
+        }
+
+        fn spawn(&mut self, cmd: &mut Command) -> i32 {
+            let child = cmd
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let pid = i32::try_from(child.id()).unwrap();
+            self.children.push(child);
+            pid
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            for c in &mut self.children {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            if nix::mount::umount2(&self.mp, nix::mount::MntFlags::empty()).is_err() {
+                let _ = nix::mount::umount2(&self.mp, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+
+    fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !f() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    fn comm(pid: i32) -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+
+    /// The guard kills what the `fs` driver's stop would: here a program
+    /// run from the mount (only its executable and mappings are there), an
+    /// open file and a working directory; a process elsewhere survives, and
+    /// the mount then unmounts plainly (not lazily).
+    #[test]
+    fn kill_users_of_kills_every_holder_the_fs_driver_finds() {
+        let mut t = Tmpfs::new();
+        let mp = t.mp.clone();
+        let sleep = ["/usr/bin/sleep", "/bin/sleep"]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+            .expect("sleep");
+        let copy = mp.join("us-sleep");
+        std::fs::copy(sleep, &copy).unwrap();
+        std::fs::write(mp.join("held"), b"x").unwrap();
+
+        let exe = t.spawn(Command::new(&copy).arg("300").current_dir("/"));
+        let fd = t.spawn(
+            Command::new("sh")
+                .args(["-c", "exec 3<\"$1\"; exec sleep 300", "sh"])
+                .arg(mp.join("held"))
+                .current_dir("/"),
+        );
+        let cwd = t.spawn(Command::new("sleep").arg("300").current_dir(&mp));
+        let bystander = t.spawn(Command::new("sleep").arg("300").current_dir("/"));
+        assert!(wait_until(Duration::from_secs(5), || {
+            comm(exe) == "us-sleep" && comm(fd) == "sleep" && comm(cwd) == "sleep" && comm(bystander) == "sleep"
+        }));
+
+        let mut killed = kill_users_of(&mp);
+        killed.sort_unstable();
+        let mut want = vec![exe, fd, cwd];
+        want.sort_unstable();
+        assert_eq!(killed, want);
+        for c in &mut t.children[..3] {
+            let status = c.wait().unwrap();
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::signal(&status),
+                Some(Signal::SIGKILL as i32)
+            );
+        }
+        assert_eq!(t.children[3].try_wait().unwrap(), None, "the bystander survives");
+        nix::mount::umount2(&mp, nix::mount::MntFlags::empty()).unwrap();
+        assert!(kill_users_of(&mp).is_empty(), "nothing mounted there any more");
     }
 }

@@ -219,6 +219,11 @@ impl Spawned {
         })
     }
 
+    /// The leader's standard error, when it was piped (once).
+    pub(crate) fn take_stderr(&mut self) -> Option<tokio::process::ChildStderr> {
+        self.child.stderr.take()
+    }
+
     /// The leader's pid, which is also its process group id.
     pub(crate) fn pid(&self) -> i32 {
         self.pid.as_raw()

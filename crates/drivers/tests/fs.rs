@@ -11,8 +11,10 @@
 //! uninterruptible sleep, until `fsfreeze --unfreeze`. That is deterministic
 //! (no timing guesses: the test waits until the blocked process is in state
 //! `D`), needs no device-mapper (not available on every CI kernel), and is
-//! undone by the guard. The timeout wrapper itself is also unit-tested with
-//! a blocking closure in `src/fs.rs`.
+//! undone by the guard. A disk whose *device* hangs (an `fsync` stuck with
+//! its file open) is a [`HangingDisk`]: a loop disk whose image lives on a
+//! second, frozen, loop disk. The timeout wrapper itself is also unit-tested with
+//! a blocking closure in `src/fs/mod.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -29,7 +31,7 @@ use std::time::{Duration, Instant};
 use common::{TestEnv, wait_until};
 use nix::sys::stat::{major, minor};
 use understudy_core::spec::{DirectorySpec, FsSpec};
-use understudy_drivers::fs::{FsDriver, MARKER};
+use understudy_drivers::fs::{FsDriver, MARKER, holders};
 use understudy_drivers::{Driver, Health, OpCtx};
 
 const SHORT: Duration = Duration::from_secs(10);
@@ -80,16 +82,24 @@ struct Disk {
 
 impl Disk {
     fn new() -> Disk {
-        Disk::create(true)
+        Disk::create(true, None)
     }
 
     /// A device holding no filesystem at all (zeros).
     fn blank() -> Disk {
-        Disk::create(false)
+        Disk::create(false, None)
     }
 
-    fn create(mkfs: bool) -> Disk {
-        let dir = tempfile::Builder::new().prefix("understudy-fs-").tempdir().unwrap();
+    /// Its image and directory in a temporary directory under `parent`
+    /// (else the system's temporary directory).
+    fn create(mkfs: bool, parent: Option<&Path>) -> Disk {
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("understudy-fs-");
+        let dir = match parent {
+            Some(p) => builder.tempdir_in(p),
+            None => builder.tempdir(),
+        }
+        .unwrap();
         let image = dir.path().join("disk.img");
         fs::File::create(&image).unwrap().set_len(IMAGE_SIZE).unwrap();
         let dev = run(Command::new("losetup").args(["--find", "--show"]).arg(&image));
@@ -217,6 +227,67 @@ impl Drop for Disk {
         if let Err(e) = Command::new("losetup").arg("-d").arg(&self.dev).status() {
             eprintln!("Disk: cannot detach {}: {e}", self.dev);
         }
+    }
+}
+
+/// A disk that can hang like a dead one: an inner loop disk whose image
+/// lives on the filesystem of an outer loop disk. Freezing the outer
+/// filesystem stops the inner loop device from writing its image, so every
+/// write of the inner filesystem that reaches its device (an `fsync`)
+/// sleeps uninterruptibly — with its file open, as on a hung disk — until
+/// the outer one is thawed. Dropping it thaws the outer filesystem, then
+/// drops the inner disk (unmounts, detaches, removes its image), then the
+/// outer one.
+struct HangingDisk {
+    inner: Option<Disk>,
+    outer_mp: PathBuf,
+    _outer: Disk,
+}
+
+impl HangingDisk {
+    fn new() -> HangingDisk {
+        let outer = Disk::new();
+        let outer_mp = outer.path("outer");
+        fs::create_dir(&outer_mp).unwrap();
+        let none: Option<&str> = None;
+        nix::mount::mount(
+            Some(outer.dev.as_str()),
+            &outer_mp,
+            Some("ext4"),
+            nix::mount::MsFlags::empty(),
+            none,
+        )
+        .unwrap();
+        let mut hd = HangingDisk {
+            inner: None,
+            outer_mp,
+            _outer: outer,
+        };
+        hd.inner = Some(Disk::create(true, Some(&hd.outer_mp)));
+        hd
+    }
+
+    fn disk(&self) -> &Disk {
+        self.inner.as_ref().unwrap()
+    }
+
+    fn hang(&self) {
+        freeze(&self.outer_mp);
+    }
+
+    fn recover(&self) {
+        thaw(&self.outer_mp);
+    }
+}
+
+impl Drop for HangingDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze")
+            .arg("--unfreeze")
+            .arg(&self.outer_mp)
+            .stderr(Stdio::null())
+            .status();
+        drop(self.inner.take());
     }
 }
 
@@ -686,4 +757,70 @@ async fn refuses_a_busy_mountpoint_and_a_device_mounted_elsewhere() {
     assert_eq!(d.probe(&ok(42)).await, Health::Stopped);
     d.stop(&ok(42)).await.unwrap();
     assert_eq!(mounted_at(&other), 1);
+}
+
+/// Issue 17 item 7: the monitor's I/O probe runs in a child process, so a
+/// probe stuck on a hung disk is never the agent itself holding the mount.
+/// Stop kills an in-flight probe before unmounting: while the disk stays
+/// hung the stop fails and names the probe, never "the agent itself"; once
+/// the disk is back, the killed probe is gone (it did not finish its
+/// write-read) and stop unmounts cleanly.
+#[tokio::test]
+async fn a_probe_stuck_on_a_hung_disk_is_a_child_that_stop_kills() {
+    let t = TestEnv::new();
+    let hd = HangingDisk::new();
+    let disk = hd.disk();
+    let mp = disk.mp();
+    let d = std::sync::Arc::new(driver(&t, &disk.spec(&disk.dev)));
+    d.start(&ok(42)).await.unwrap();
+    assert_eq!(d.monitor(&ok(42)).await, Health::Running);
+
+    hd.hang();
+    let monitor = {
+        let d = std::sync::Arc::clone(&d);
+        tokio::spawn(async move { d.monitor(&ctx(Some(42), "node1", Duration::from_secs(60))).await })
+    };
+    // The probe is in flight, stuck in its fsync with its file open.
+    let me = i32::try_from(std::process::id()).unwrap();
+    // (Polled from async code: the monitor runs on this test's thread.)
+    let deadline = Instant::now() + SHORT;
+    let holders = loop {
+        let holders = holders::find(&mp);
+        if holders
+            .iter()
+            .any(|h| h.state == 'D' && h.what.iter().any(|w| w.contains(".understudy-probe-")))
+        {
+            break holders;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no stuck probe child holds {}: {holders:?}",
+            mp.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        holders.iter().all(|h| h.pid != me),
+        "the agent holds the mount: {holders:?}"
+    );
+
+    let e = d
+        .stop(&ctx(Some(42), "node1", Duration::from_secs(3)))
+        .await
+        .unwrap_err()
+        .to_string();
+    eprintln!("stop on a hung disk:\n{e}");
+    assert!(!e.contains("the agent itself"), "{e}");
+    assert!(e.contains("dd of=") && e.contains(".understudy-probe-"), "{e}");
+    assert_eq!(mounted_at(&mp), 1);
+
+    hd.recover();
+    // Stop killed the probe: it ends now, failed, instead of completing.
+    let h = tokio::time::timeout(SHORT, monitor).await.unwrap().unwrap();
+    match h {
+        Health::Failed(why) => assert!(why.contains("SIGKILL"), "{why}"),
+        h => panic!("{h:?}"),
+    }
+    d.stop(&ok(42)).await.unwrap();
+    assert_eq!(mounted_at(&mp), 0);
 }

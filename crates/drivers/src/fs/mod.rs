@@ -52,16 +52,14 @@
 //! - **stop** does nothing when the filesystem is not mounted at the
 //!   mountpoint (if the device is mounted elsewhere, that mount is not ours
 //!   and is left alone with a warning). Otherwise, until the mount is gone or
-//!   the timeout is spent:
-//!   1. finds the processes holding the mount with a native `/proc` scan (not
-//!      `fuser`/`lsof`: no extra packages, no output parsing, and it tells us
-//!      *what* each process holds). A process holds the mount when its `cwd`,
-//!      `root` or `exe` lies under the mountpoint on the mount's device, an
-//!      open file descriptor is on this very mount (`mnt_id` in
-//!      `/proc/<pid>/fdinfo/<fd>`), or `/proc/<pid>/maps` maps a file under
-//!      the mountpoint from its device. Processes in another mount namespace
-//!      hold their own copy of the mount and are left alone. Processes are
-//!      identified by pid *and* start time, so a reused pid is never signalled;
+//!   the timeout is spent (first, the monitor's I/O probe is stopped: one
+//!   in flight gets SIGKILL and is waited for, up to a third of the time, and
+//!   none starts until stop returns):
+//!   1. finds the processes holding the mount with the [`holders`] scan
+//!      (`cwd`, `root` or `exe` under the mountpoint, an open file on this
+//!      very mount, a mapped file; this mount namespace only; pid and start
+//!      time, so a reused pid is never signalled). The fence guard uses the
+//!      same scan;
 //!   2. sends them SIGTERM, waits up to 5 s (at most a third of the time
 //!      left) for them to exit, SIGKILLs the rest and waits for them (up to
 //!      5 s). A process that already had SIGKILL in an earlier round gets it
@@ -87,23 +85,30 @@
 //!   by the last unmount attempt, the rest for the final scan that names the
 //!   holders.
 //!
-//! - **monitor** (on its own thread, awaited with `ctx.timeout`):
-//!   - `Failed` when the filesystem is not mounted at the mountpoint any more,
-//!     when something else is mounted on top of it, or when a read-write
-//!     filesystem has been remounted read-only (ext4 `errors=remount-ro`).
-//!     An unmount behind the agent's back is a failure, not `Stopped`: the
-//!     driver cannot tell an administrator's `umount` from a lost disk, and
-//!     the agent treats both alike (restart or failover), which is right for
-//!     a resource it believes it runs.
-//!   - Otherwise an I/O probe: creates `.understudy-probe-<pid>-<nonce>` with
-//!     a random nonce, writes the nonce, fsyncs, reads it back, deletes the
-//!     file (read-only mounts: lists the root directory instead).
+//! - **monitor** (bounded by `ctx.timeout`):
+//!   - reads the mount table on a helper thread. `Failed` when the
+//!     filesystem is not mounted at the mountpoint any more, when something
+//!     else is mounted on top of it, or when a read-write filesystem has been
+//!     remounted read-only (ext4 `errors=remount-ro`). An unmount behind the
+//!     agent's back is a failure, not `Stopped`: the driver cannot tell an
+//!     administrator's `umount` from a lost disk, and the agent treats both
+//!     alike (restart or failover), which is right for a resource it
+//!     believes it runs.
+//!   - Otherwise an I/O probe, in a **child process** (`/bin/sh` running
+//!     `dd conv=excl,fsync`, `cat` and `rm`, in its own process group, dying
+//!     with the agent; see the `probe` module): creates
+//!     `.understudy-probe-<pid>-<nonce>` with a random nonce, writes the
+//!     nonce, fsyncs, reads it back, deletes the file (read-only mounts:
+//!     lists the root directory instead). The agent itself never opens a
+//!     file on the mount it guards, so a probe stuck on a hung disk is an
+//!     ordinary holder stop can kill and name, never "the agent itself".
 //!   - A probe that does not finish in time gives
-//!     `Failed("I/O probe timed out after …")`. Its thread may stay stuck in
-//!     the kernel; until it returns, later monitors report `Failed` at once
-//!     ("an earlier I/O probe … is still stuck") instead of piling up more
-//!     stuck threads. Threads are plain detached `std` threads, never tokio's
-//!     blocking pool, whose shutdown would wait for them.
+//!     `Failed("I/O probe timed out after …")` and its process group gets
+//!     SIGKILL. It may stay stuck in the kernel; until its group is gone,
+//!     later monitors report `Failed` at once ("an earlier I/O probe … is
+//!     still stuck") instead of piling up more stuck probes. Helper threads
+//!     are plain detached `std` threads, never tokio's blocking pool, whose
+//!     shutdown would wait for them.
 //!
 //! - **probe**: `Running` when the device is mounted at the mountpoint, else
 //!   `Stopped` (also when the device is mounted elsewhere, logged as a
@@ -156,14 +161,33 @@
 //! what happens before it is read: `fsck -p` and the mount itself (journal
 //! replay) write to the device. It catches a stale owner before any
 //! application writes to the disk.
+//!
+//! # Modules
+//!
+//! - this one: the driver (start, stop, monitor, probe), mount options and
+//!   the helper-thread wrapper for calls that may block;
+//! - `probe`: the monitor's I/O probe in a child process, and the record of
+//!   the one in flight;
+//! - `mountinfo`: `/proc/self/mountinfo` parsed, and classified for one
+//!   resource;
+//! - `marker`: the fencing marker and the other steps after mounting
+//!   (directories, leftover probe files);
+//! - `fsck`: running fsck and what its exit status means;
+//! - [`holders`]: the `/proc` scan for the processes holding a mount.
+
+mod fsck;
+pub mod holders;
+mod marker;
+mod mountinfo;
+mod probe;
 
 use std::collections::HashSet;
 use std::collections::hash_map::RandomState;
 use std::fmt::Write as _;
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::hash::BuildHasher;
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -172,18 +196,16 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
-use nix::sys::signal::{Signal, kill};
-use nix::sys::stat::makedev;
-use nix::unistd::Pid;
-use understudy_core::spec::{DirectorySpec, FsSpec};
+use nix::sys::signal::Signal;
+use understudy_core::spec::FsSpec;
 
-use crate::spawn::{Exit, KILL_WAIT, Launch, Log, Spawned, show_argv};
-use crate::{Driver, DriverEnv, DriverError, Health, OpCtx, procfs};
+use self::holders::{Holder, find_holders, own_pid, wait_gone};
+pub use self::marker::MARKER;
+use self::marker::{Marker, Settle, settle};
+use self::mountinfo::{Device, Ident, MountEntry, MountState, mount_state, mountpoint_key, read_mountinfo, under};
+use crate::spawn::KILL_WAIT;
+use crate::{Driver, DriverEnv, DriverError, Health, OpCtx};
 
-/// The fencing marker, in the filesystem's root.
-pub const MARKER: &str = ".understudy-fence";
-/// Where a new marker is written before it is renamed over [`MARKER`].
-const MARKER_TMP: &str = ".understudy-fence.tmp";
 /// Prefix of the monitor's probe files.
 const PROBE_PREFIX: &str = ".understudy-probe-";
 /// How long stop waits after SIGTERM before SIGKILL (at most).
@@ -192,8 +214,6 @@ const TERM_GRACE: Duration = Duration::from_secs(5);
 const UMOUNT_RETRY: Duration = Duration::from_millis(100);
 /// How long blkid may take at most.
 const BLKID_TIMEOUT: Duration = Duration::from_secs(10);
-/// How many lines of fsck's output a refusal quotes.
-const FSCK_TAIL: usize = 20;
 /// At most this much of an operation's time is kept for cleaning up.
 const RESERVE: Duration = Duration::from_secs(1);
 
@@ -204,8 +224,8 @@ pub struct FsDriver {
     log_path: PathBuf,
     /// The device as resolved by the last successful resolution.
     device: Mutex<Option<Device>>,
-    /// Since when a monitor probe thread has been running, while it runs.
-    probe_busy: Arc<Mutex<Option<Instant>>>,
+    /// The monitor's I/O probe in flight, if any.
+    probes: Arc<probe::Probes>,
     /// Serialises start and stop.
     op: tokio::sync::Mutex<()>,
 }
@@ -218,191 +238,6 @@ impl std::fmt::Debug for FsDriver {
             .field("mountpoint", &self.spec.mountpoint)
             .finish_non_exhaustive()
     }
-}
-
-/// A resolved block device.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Device {
-    /// Canonical path, e.g. `/dev/sdb1`.
-    path: PathBuf,
-    /// Its device number (`st_rdev`).
-    rdev: u64,
-}
-
-/// How a mount is recognised as this resource's.
-#[derive(Clone, Debug)]
-enum Ident {
-    Device(Device),
-    /// The device cannot be resolved: any filesystem of this type at the
-    /// mountpoint counts as ours.
-    FsType(String),
-}
-
-impl Ident {
-    fn matches(&self, e: &MountEntry) -> bool {
-        match self {
-            Ident::Device(d) => {
-                e.dev == d.rdev
-                    || Path::new(&e.source) == d.path
-                    || (e.source.starts_with('/') && fs::canonicalize(&e.source).is_ok_and(|p| p == d.path))
-            }
-            Ident::FsType(t) => &e.fstype == t,
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            Ident::Device(d) => d.path.display().to_string(),
-            Ident::FsType(t) => format!("a {t} filesystem"),
-        }
-    }
-}
-
-/// One line of `/proc/self/mountinfo`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct MountEntry {
-    id: u64,
-    parent: u64,
-    /// `st_dev` of files on it.
-    dev: u64,
-    mountpoint: String,
-    /// Per-mount options (`rw,noatime`).
-    options: String,
-    fstype: String,
-    source: String,
-    /// Superblock options (`rw,errors=remount-ro`).
-    super_options: String,
-}
-
-impl MountEntry {
-    fn read_only(&self) -> bool {
-        has_opt(&self.options, "ro") || has_opt(&self.super_options, "ro")
-    }
-}
-
-fn has_opt(list: &str, opt: &str) -> bool {
-    list.split(',').any(|o| o == opt)
-}
-
-/// What the mount table says about the resource.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum MountState {
-    /// Ours, on top at the mountpoint.
-    Mounted(MountEntry),
-    /// Nothing of ours at the mountpoint, nor anywhere else.
-    NotMounted,
-    /// Something else is on top at the mountpoint; `ours_beneath` when our
-    /// filesystem is mounted there too, covered by it.
-    Other { top: MountEntry, ours_beneath: bool },
-    /// Not at the mountpoint, but mounted at these other places.
-    Elsewhere(Vec<MountEntry>),
-}
-
-/// Decodes the octal escapes (`\040` for a space) of mountinfo fields.
-fn unescape(field: &str) -> String {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..=i + 3].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = u32::from(b[i + 1] - b'0') * 64 + u32::from(b[i + 2] - b'0') * 8 + u32::from(b[i + 3] - b'0');
-            out.push(u8::try_from(v).unwrap_or(b'?'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Parses one mountinfo line:
-/// `36 35 98:0 /mnt1 /mnt/parent rw,noatime master:1 - ext3 /dev/root rw,errors=continue`.
-fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
-    let (left, right) = line.split_once(" - ")?;
-    let l: Vec<&str> = left.split(' ').collect();
-    let r: Vec<&str> = right.split(' ').collect();
-    if l.len() < 6 || r.len() < 2 {
-        return None;
-    }
-    let (major, minor) = l[2].split_once(':')?;
-    Some(MountEntry {
-        id: l[0].parse().ok()?,
-        parent: l[1].parse().ok()?,
-        dev: makedev(major.parse().ok()?, minor.parse().ok()?),
-        mountpoint: unescape(l[4]),
-        options: l[5].to_owned(),
-        fstype: unescape(r[0]),
-        source: unescape(r[1]),
-        super_options: r.get(2).map(|s| unescape(s)).unwrap_or_default(),
-    })
-}
-
-fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    text.lines().filter_map(parse_mountinfo_line).collect()
-}
-
-fn read_mountinfo() -> Result<Vec<MountEntry>, String> {
-    fs::read_to_string("/proc/self/mountinfo")
-        .map(|t| parse_mountinfo(&t))
-        .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))
-}
-
-/// Classifies the mount table for the filesystem `ident` at `mp`.
-fn mount_state(entries: &[MountEntry], mp: &str, ident: &Ident) -> MountState {
-    let at: Vec<&MountEntry> = entries.iter().filter(|e| e.mountpoint == mp).collect();
-    // The top of a stack of mounts at one place is the one no other mount
-    // there sits on.
-    let top = at
-        .iter()
-        .rev()
-        .find(|e| !at.iter().any(|o| o.parent == e.id))
-        .or(at.last());
-    if let Some(top) = top {
-        if ident.matches(top) {
-            return MountState::Mounted((*top).clone());
-        }
-        return MountState::Other {
-            top: (*top).clone(),
-            ours_beneath: at.iter().any(|e| ident.matches(e)),
-        };
-    }
-    let elsewhere: Vec<MountEntry> = match ident {
-        Ident::Device(_) => entries.iter().filter(|e| ident.matches(e)).cloned().collect(),
-        Ident::FsType(_) => Vec::new(),
-    };
-    if elsewhere.is_empty() {
-        MountState::NotMounted
-    } else {
-        MountState::Elsewhere(elsewhere)
-    }
-}
-
-/// `path` lies at or below `dir`.
-fn under(path: &str, dir: &str) -> bool {
-    if dir == "/" {
-        return path.starts_with('/');
-    }
-    path == dir || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'))
-}
-
-/// The mountpoint as mountinfo shows it: symlinks resolved when it exists,
-/// else lexically cleaned up.
-fn mountpoint_key(mp: &str) -> String {
-    if let Ok(p) = fs::canonicalize(mp) {
-        return p.to_string_lossy().into_owned();
-    }
-    let mut out = PathBuf::from("/");
-    for c in Path::new(mp).components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::ParentDir => {
-                out.pop();
-            }
-            _ => {}
-        }
-    }
-    out.to_string_lossy().into_owned()
 }
 
 /// `mount(2)` flags and data string for `options`.
@@ -452,285 +287,11 @@ fn mount_options(options: &[String]) -> (MsFlags, String) {
     (flags, data.join(","))
 }
 
-/// What fsck's exit status means for mounting.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum FsckVerdict {
-    /// 0: clean.
-    Clean,
-    /// 1: errors were corrected.
-    Fixed,
-    /// 2 or 3: corrected, reboot advised (meant for a mounted root fs).
-    RebootAdvised,
-    /// 4 and above: do not mount.
-    Refuse,
-}
-
-fn fsck_verdict(code: i32) -> FsckVerdict {
-    if code & !3 != 0 {
-        FsckVerdict::Refuse
-    } else if code & 2 != 0 {
-        FsckVerdict::RebootAdvised
-    } else if code & 1 != 0 {
-        FsckVerdict::Fixed
-    } else {
-        FsckVerdict::Clean
-    }
-}
-
-/// The meaning of fsck's exit status bits, for messages.
-fn fsck_meaning(code: i32) -> String {
-    let bits = [
-        (1, "errors corrected"),
-        (2, "reboot advised"),
-        (4, "errors left uncorrected"),
-        (8, "operational error"),
-        (16, "usage or syntax error"),
-        (32, "cancelled by user request"),
-        (128, "shared library error"),
-    ];
-    let words: Vec<&str> = bits.iter().filter(|(b, _)| code & b != 0).map(|(_, w)| *w).collect();
-    if words.is_empty() {
-        "no errors".into()
-    } else {
-        words.join(", ")
-    }
-}
-
-/// The contents of the fencing marker.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Marker {
-    token: i64,
-    node: String,
-    group: String,
-    resource: String,
-    time: String,
-}
-
-impl Marker {
-    fn render(&self) -> String {
-        let clean = |s: &str| s.replace(['\n', '\r'], " ");
-        format!(
-            "# understudy fencing marker: the highest fencing token that mounted this\n\
-             # filesystem. A node holding an older token must not use it. Do not edit.\n\
-             token={}\nnode={}\ngroup={}\nresource={}\ntime={}\n",
-            self.token,
-            clean(&self.node),
-            clean(&self.group),
-            clean(&self.resource),
-            clean(&self.time),
-        )
-    }
-
-    fn parse(text: &str) -> Result<Marker, String> {
-        let mut token = None;
-        let mut m = Marker {
-            token: 0,
-            node: "?".into(),
-            group: String::new(),
-            resource: String::new(),
-            time: "?".into(),
-        };
-        for line in text.lines() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let Some((k, v)) = line.split_once('=') else {
-                return Err(format!("malformed line `{line}`"));
-            };
-            let v = v.trim().to_owned();
-            match k.trim() {
-                "token" => token = Some(v.parse::<i64>().map_err(|_| format!("bad token `{v}`"))?),
-                "node" => m.node = v,
-                "group" => m.group = v,
-                "resource" => m.resource = v,
-                "time" => m.time = v,
-                _ => {}
-            }
-        }
-        m.token = token.ok_or("no `token=` line")?;
-        Ok(m)
-    }
-}
-
-fn read_marker(mp: &Path) -> Result<Option<Marker>, String> {
-    let path = mp.join(MARKER);
-    match fs::read_to_string(&path) {
-        Ok(text) => Marker::parse(&text)
-            .map(Some)
-            .map_err(|e| format!("fencing marker {} is unreadable ({e})", path.display())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("cannot read fencing marker {}: {e}", path.display())),
-    }
-}
-
-/// Replaces the marker atomically and durably.
-fn write_marker(mp: &Path, m: &Marker) -> io::Result<()> {
-    let tmp = mp.join(MARKER_TMP);
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&tmp)?;
-        f.write_all(m.render().as_bytes())?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, mp.join(MARKER))?;
-    File::open(mp)?.sync_all()
-}
-
-/// Why the steps after mounting failed.
-#[derive(Debug)]
-enum Settle {
-    /// The fencing marker forbids this node to use the disk.
-    Refused(String),
-    Failed(String),
-}
-
-/// After mounting: the fencing marker, directories, leftover probe files.
-fn settle(mp: &Path, me: &Marker, readonly: bool, directories: &[DirectorySpec]) -> Result<(), Settle> {
-    let marker = read_marker(mp).map_err(|e| {
-        Settle::Refused(format!(
-            "{e}; cannot prove this node's token {} is current: refusing (remove the file if no other node uses the disk)",
-            me.token
-        ))
-    })?;
-    if let Some(m) = &marker
-        && m.token > me.token
-    {
-        return Err(Settle::Refused(format!(
-            "the shared disk was last mounted under fencing token {} by node {} (at {}); this node's token {} is older: refusing",
-            m.token, m.node, m.time, me.token
-        )));
-    }
-    if readonly {
-        for d in directories {
-            if !mp.join(&d.path).is_dir() {
-                return Err(Settle::Failed(format!(
-                    "directory {} does not exist and the filesystem is mounted read-only",
-                    mp.join(&d.path).display()
-                )));
-            }
-        }
-        return Ok(());
-    }
-    if marker.as_ref().is_none_or(|m| m.token < me.token || m.node != me.node) {
-        write_marker(mp, me).map_err(|e| {
-            Settle::Failed(format!(
-                "cannot write fencing marker {}: {e}",
-                mp.join(MARKER).display()
-            ))
-        })?;
-    }
-    if let Ok(dir) = fs::read_dir(mp) {
-        for entry in dir.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(PROBE_PREFIX) {
-                let _ = fs::remove_file(entry.path());
-            }
-        }
-    }
-    for d in directories {
-        let p = mp.join(&d.path);
-        fs::create_dir_all(&p).map_err(|e| Settle::Failed(format!("cannot create directory {}: {e}", p.display())))?;
-        set_owner_and_mode(&p, d).map_err(Settle::Failed)?;
-    }
-    Ok(())
-}
-
-/// A user or group id: a number as it is, a name through `by_name` (this
-/// node's user database).
-fn lookup(
-    p: &Path,
-    what: &str,
-    name: Option<&str>,
-    by_name: impl Fn(&str) -> nix::Result<Option<u32>>,
-) -> Result<Option<u32>, String> {
-    let Some(name) = name else { return Ok(None) };
-    if let Ok(n) = name.parse::<u32>() {
-        return Ok(Some(n));
-    }
-    match by_name(name) {
-        Ok(Some(id)) => Ok(Some(id)),
-        Ok(None) => Err(format!("directory {}: no {what} `{name}` on this node", p.display())),
-        Err(e) => Err(format!(
-            "directory {}: cannot look up {what} `{name}`: {e}",
-            p.display()
-        )),
-    }
-}
-
-/// Gives a directory the owner, group and mode its definition asks for
-/// (after every mount, so a change by hand is undone). Names are looked up
-/// on this node; a number is taken as it is.
-fn set_owner_and_mode(p: &Path, d: &DirectorySpec) -> Result<(), String> {
-    let uid = lookup(p, "user", d.owner.as_deref(), |name| {
-        nix::unistd::User::from_name(name).map(|u| u.map(|u| u.uid.as_raw()))
-    })?
-    .map(nix::unistd::Uid::from_raw);
-    let gid = lookup(p, "group", d.group.as_deref(), |name| {
-        nix::unistd::Group::from_name(name).map(|g| g.map(|g| g.gid.as_raw()))
-    })?
-    .map(nix::unistd::Gid::from_raw);
-    if uid.is_some() || gid.is_some() {
-        nix::unistd::chown(p, uid, gid).map_err(|e| {
-            format!(
-                "cannot give directory {} to {}:{}: {e}",
-                p.display(),
-                d.owner.as_deref().unwrap_or("-"),
-                d.group.as_deref().unwrap_or("-")
-            )
-        })?;
-    }
-    if let Some(mode) = d.mode {
-        fs::set_permissions(p, fs::Permissions::from_mode(mode))
-            .map_err(|e| format!("cannot set mode {mode:04o} on directory {}: {e}", p.display()))?;
-    }
-    Ok(())
-}
-
 /// A random hex nonce (std's per-instance random hash keys).
 fn nonce() -> String {
     let a = RandomState::new().hash_one(std::process::id());
     let b = RandomState::new().hash_one(SystemTime::now());
     format!("{a:016x}{b:016x}")
-}
-
-/// The monitor's write-and-read probe (read-only mounts: a directory read).
-fn io_probe(mp: &Path, readonly: bool) -> Result<(), String> {
-    if readonly {
-        return fs::read_dir(mp)
-            .and_then(|mut d| d.next().transpose())
-            .map(drop)
-            .map_err(|e| format!("I/O probe: cannot read {}: {e}", mp.display()));
-    }
-    let nonce = nonce();
-    let path = mp.join(format!("{PROBE_PREFIX}{}-{nonce}", std::process::id()));
-    let run = || -> Result<(), String> {
-        let mut f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| format!("create: {e}"))?;
-        f.write_all(nonce.as_bytes()).map_err(|e| format!("write: {e}"))?;
-        f.sync_all().map_err(|e| format!("fsync: {e}"))?;
-        let mut back = String::new();
-        f.seek(SeekFrom::Start(0))
-            .and_then(|_| f.read_to_string(&mut back))
-            .map_err(|e| format!("read back: {e}"))?;
-        if back != nonce {
-            return Err(format!("read back `{back}` instead of `{nonce}`"));
-        }
-        drop(f);
-        fs::remove_file(&path).map_err(|e| format!("delete: {e}"))
-    };
-    run().map_err(|e| {
-        let _ = fs::remove_file(&path);
-        format!("I/O probe on {} failed: {e}", path.display())
-    })
 }
 
 /// Why a call on a helper thread gave no answer.
@@ -774,15 +335,6 @@ where
     }
 }
 
-/// Clears a "probe running" slot when the probe thread ends, even by panic.
-struct ClearOnDrop(Arc<Mutex<Option<Instant>>>);
-
-impl Drop for ClearOnDrop {
-    fn drop(&mut self) {
-        *lock(&self.0) = None;
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -800,220 +352,6 @@ fn tool(name: &str) -> PathBuf {
         }
     }
     PathBuf::from(name)
-}
-
-/// A process holding the mount.
-#[derive(Clone, Debug)]
-struct Holder {
-    pid: i32,
-    /// Start time (clock ticks since boot): with the pid, the identity.
-    start: u64,
-    state: char,
-    cmdline: String,
-    /// What it holds: `cwd /srv/x`, `fd 3 → /srv/x/f`, `maps /srv/x/lib.so`.
-    what: Vec<String>,
-    /// A child of the agent still running the agent's program: forked but
-    /// not yet exec'd, holding copies of the agent's own descriptors for an
-    /// instant. Left alone (exec closes them); see [`find_holders`].
-    unexeced_fork: bool,
-}
-
-impl Holder {
-    fn key(&self) -> (i32, u64) {
-        (self.pid, self.start)
-    }
-
-    /// Still the same live (non-zombie) process.
-    fn alive(&self) -> bool {
-        procfs::stat(self.pid).is_some_and(|s| s.is_live() && s.start_time == self.start)
-    }
-
-    /// Sends `sig` if the pid still names the same process.
-    fn signal(&self, sig: Signal) {
-        if procfs::start_time(self.pid) == Some(self.start)
-            && let Err(e) = kill(Pid::from_raw(self.pid), sig)
-            && e != Errno::ESRCH
-        {
-            tracing::warn!("cannot send {} to process {}: {e}", sig.as_str(), self.pid);
-        }
-    }
-}
-
-fn cmdline(pid: i32) -> String {
-    let raw = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let text: String = String::from_utf8_lossy(&raw)
-        .split('\0')
-        .filter(|s| !s.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ");
-    if text.is_empty() {
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        format!("[{}]", comm.trim())
-    } else {
-        text
-    }
-}
-
-/// A `/proc` link target without the ` (deleted)` suffix.
-fn link_path(p: &Path) -> String {
-    let s = p.to_string_lossy();
-    s.strip_suffix(" (deleted)").unwrap_or(&s).to_owned()
-}
-
-/// The `mnt_id` field of `/proc/<pid>/fdinfo/<fd>`.
-fn fd_mnt_id(pid: i32, fd: &str) -> Option<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("mnt_id:"))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// `maj:min` in hex (as in `/proc/<pid>/maps`) to a device number.
-fn parse_hex_dev(s: &str) -> Option<u64> {
-    let (a, b) = s.split_once(':')?;
-    Some(makedev(
-        u64::from_str_radix(a, 16).ok()?,
-        u64::from_str_radix(b, 16).ok()?,
-    ))
-}
-
-/// What process `pid` holds of `mount` (see the module docs).
-fn holdings(pid: i32, mount: &MountEntry) -> Vec<String> {
-    let mp = mount.mountpoint.as_str();
-    let proc_dir = format!("/proc/{pid}");
-    let mut what = Vec::new();
-    let on_dev = |link: &str| fs::metadata(format!("{proc_dir}/{link}")).is_ok_and(|m| m.dev() == mount.dev);
-    let mut chrooted = false;
-    for link in ["cwd", "root", "exe"] {
-        let Ok(target) = fs::read_link(format!("{proc_dir}/{link}")) else {
-            continue;
-        };
-        let path = link_path(&target);
-        if link == "root" && path != "/" {
-            chrooted = true;
-        }
-        if under(&path, mp) && on_dev(link) {
-            what.push(format!("{link} {path}"));
-        }
-    }
-    if let Ok(fds) = fs::read_dir(format!("{proc_dir}/fd")) {
-        for fd in fds.flatten() {
-            let name = fd.file_name().to_string_lossy().into_owned();
-            let Ok(target) = fs::read_link(fd.path()) else {
-                continue;
-            };
-            let path = link_path(&target);
-            if !path.starts_with('/') || !(chrooted || under(&path, mp)) {
-                continue;
-            }
-            let ours = match fd_mnt_id(pid, &name) {
-                Some(id) => id == mount.id,
-                None => on_dev(&format!("fd/{name}")),
-            };
-            if ours {
-                what.push(format!("fd {name} → {path}"));
-            }
-        }
-    }
-    if let Ok(maps) = fs::read_to_string(format!("{proc_dir}/maps")) {
-        let mut seen = HashSet::new();
-        for line in maps.lines() {
-            // address perms offset dev inode path
-            let mut rest = line;
-            let mut fields = Vec::new();
-            for _ in 0..5 {
-                let t = rest.trim_start();
-                let end = t.find(' ').unwrap_or(t.len());
-                fields.push(&t[..end]);
-                rest = &t[end..];
-            }
-            let path = link_path(Path::new(rest.trim()));
-            if fields.len() == 5
-                && parse_hex_dev(fields[3]) == Some(mount.dev)
-                && under(&path, mp)
-                && seen.insert(path.clone())
-            {
-                what.push(format!("maps {path}"));
-            }
-        }
-    }
-    what
-}
-
-/// Every process in our mount namespace holding `mount`.
-///
-/// A process the agent has just forked (to run any command, for any
-/// resource) holds copies of *all* the agent's descriptors until it execs —
-/// including, say, a monitor's probe file open on this mount at that moment.
-/// Such a fork (parent: the agent, program: the agent's) is reported but
-/// never signalled: killing it would kill an unrelated command before it
-/// starts, and it lets go by itself at exec (stop retries on `EBUSY`).
-fn find_holders(mount: &MountEntry) -> Vec<Holder> {
-    let my_ns = fs::read_link("/proc/self/ns/mnt").ok();
-    let me = own_pid();
-    let my_exe = fs::read_link("/proc/self/exe").ok();
-    let mut holders = Vec::new();
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return holders;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if let (Some(mine), Ok(theirs)) = (&my_ns, fs::read_link(format!("/proc/{pid}/ns/mnt")))
-            && *mine != theirs
-        {
-            continue;
-        }
-        let what = holdings(pid, mount);
-        if what.is_empty() {
-            continue;
-        }
-        let Some(st) = procfs::stat(pid) else { continue };
-        if !st.is_live() {
-            continue;
-        }
-        let unexeced_fork = pid != me
-            && parent_pid(pid) == Some(me)
-            && my_exe.is_some()
-            && fs::read_link(format!("/proc/{pid}/exe")).ok() == my_exe;
-        holders.push(Holder {
-            pid,
-            start: st.start_time,
-            state: st.state,
-            cmdline: cmdline(pid),
-            what,
-            unexeced_fork,
-        });
-    }
-    holders
-}
-
-/// Field 4 of `/proc/<pid>/stat`: the parent's pid.
-fn parent_pid(pid: i32) -> Option<i32> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    text[text.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
-}
-
-fn own_pid() -> i32 {
-    i32::try_from(std::process::id()).unwrap_or(i32::MAX)
-}
-
-/// Waits up to `timeout` until none of `holders` is alive.
-async fn wait_gone(holders: &[&Holder], timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(5);
-    loop {
-        if holders.iter().all(|h| !h.alive()) {
-            return true;
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return false;
-        }
-        tokio::time::sleep(pause.min(deadline - now)).await;
-        pause = (pause * 2).min(Duration::from_millis(50));
-    }
 }
 
 impl FsDriver {
@@ -1051,7 +389,7 @@ impl FsDriver {
             spec: spec.clone(),
             log_path: env.state_dir.join("logs").join(format!("{resource}.log")),
             device: Mutex::new(None),
-            probe_busy: Arc::new(Mutex::new(None)),
+            probes: Arc::default(),
             op: tokio::sync::Mutex::new(()),
         })
     }
@@ -1152,78 +490,6 @@ impl FsDriver {
         }
     }
 
-    /// Runs `fsck -p`. `Err` refuses the mount.
-    async fn fsck(&self, ctx: &OpCtx, dev: &Device, deadline: Instant) -> Result<(), String> {
-        let argv: Vec<String> = vec![
-            tool("fsck").to_string_lossy().into_owned(),
-            "-p".into(),
-            "-T".into(),
-            "-t".into(),
-            self.spec.fstype.clone(),
-            dev.path.to_string_lossy().into_owned(),
-        ];
-        let launch = Launch {
-            resource: self.resource.clone(),
-            base_dir: PathBuf::from("/"),
-            env: vec![("LC_ALL".into(), "C".into())],
-            cwd: Some("/".into()),
-            user: None,
-        };
-        let mut log = Log::open(&self.log_path)?;
-        let mut cmd = launch.command(&argv, ctx, &[])?;
-        log.header(&format!(
-            "checking {} before mounting: {}",
-            dev.path.display(),
-            show_argv(&argv)
-        ));
-        cmd.stdout(log.stdio()?).stderr(log.stdio()?);
-        let spawned = Spawned::spawn(&mut cmd).map_err(|e| format!("cannot run `{}`: {e}", show_argv(&argv)))?;
-        let budget = left(deadline);
-        let exit = spawned.wait_exit(budget).await;
-        let result = match exit {
-            Some(Exit::Code(code)) => match fsck_verdict(code) {
-                FsckVerdict::Clean => Ok(()),
-                FsckVerdict::Fixed => {
-                    tracing::info!("{}: fsck corrected errors on {}", self.resource, dev.path.display());
-                    Ok(())
-                }
-                FsckVerdict::RebootAdvised => {
-                    tracing::warn!(
-                        "{}: fsck on {} exited with status {code} ({}); mounting anyway (the advice concerns a mounted root filesystem){}",
-                        self.resource,
-                        dev.path.display(),
-                        fsck_meaning(code),
-                        log.tail(FSCK_TAIL)
-                    );
-                    Ok(())
-                }
-                FsckVerdict::Refuse => Err(format!(
-                    "fsck found a problem on {} and exited with status {code} ({}): refusing to mount{}",
-                    dev.path.display(),
-                    fsck_meaning(code),
-                    log.tail(FSCK_TAIL)
-                )),
-            },
-            Some(other) => Err(format!(
-                "`{}` {other}: refusing to mount{}",
-                show_argv(&argv),
-                log.tail(FSCK_TAIL)
-            )),
-            None => {
-                if let Err(e) = spawned.terminate(Signal::SIGKILL, Duration::ZERO).await {
-                    tracing::warn!("{}: {e}", self.resource);
-                }
-                Err(format!(
-                    "fsck of {} did not finish within {budget:?} (killed): refusing to mount{}",
-                    dev.path.display(),
-                    log.tail(FSCK_TAIL)
-                ))
-            }
-        };
-        spawned.reap().await;
-        result
-    }
-
     /// One `umount2(mp, 0)` on a helper thread.
     async fn umount_once(&self, mp: &str, timeout: Duration) -> Result<Result<(), Errno>, BlockingError> {
         let target = mp.to_owned();
@@ -1235,6 +501,8 @@ impl FsDriver {
 
     /// Undoes a fresh mount after a failed start; says how that went.
     async fn undo_mount(&self, mp: &str, deadline: Instant) -> String {
+        let _quiet = self.probes.quiet();
+        self.probes.kill(deadline).await;
         match self.umount_once(mp, left(deadline)).await {
             Ok(Ok(())) => format!("{mp} unmounted again"),
             Ok(Err(e)) => format!("and unmounting {mp} again failed: {e}; stop the resource to clean up"),
@@ -1262,7 +530,7 @@ impl FsDriver {
                 self.spec.mountpoint,
                 h.what.join("; ")
             );
-            h.signal(Signal::SIGTERM);
+            self.send(h, Signal::SIGTERM);
         }
         if !fresh.is_empty() {
             wait_gone(&fresh, TERM_GRACE.min(left(deadline) / 3)).await;
@@ -1279,10 +547,33 @@ impl FsDriver {
                 h.cmdline,
                 self.spec.mountpoint
             );
-            h.signal(Signal::SIGKILL);
+            self.send(h, Signal::SIGKILL);
             killed.insert(h.key());
         }
         wait_gone(&survivors, KILL_WAIT.min(left(deadline))).await;
+    }
+
+    /// A monitor's answer while an earlier probe is still running.
+    fn still_stuck(&self, since: Instant) -> Health {
+        Health::Failed(format!(
+            "an earlier I/O probe of {} is still stuck after {:?}: the disk may be hung",
+            self.spec.mountpoint,
+            since.elapsed()
+        ))
+    }
+
+    /// Sends `sig` to a holder, if it is still the same process.
+    fn send(&self, h: &Holder, sig: Signal) {
+        if let Err(e) = h.signal(sig)
+            && e != Errno::ESRCH
+        {
+            tracing::warn!(
+                "{}: cannot send {} to process {}: {e}",
+                self.resource,
+                sig.as_str(),
+                h.pid
+            );
+        }
     }
 
     /// The loud failure of a stop that could not unmount.
@@ -1488,6 +779,17 @@ impl Driver for FsDriver {
         let last_try = deadline - reserve / 2;
         let ident = self.ident(left(work).min(BLKID_TIMEOUT)).await;
         let mp = self.mountpoint();
+        // The monitor's I/O probe must not hold the mount: none starts from
+        // now on, and one in flight is killed (it may be stuck on a hung
+        // disk; then it is a holder like any other, named if the mount
+        // stays busy).
+        let _quiet = self.probes.quiet();
+        if !self.probes.kill(Instant::now() + KILL_WAIT.min(left(work) / 3)).await {
+            tracing::warn!(
+                "{}: the I/O probe of {mp} survives SIGKILL (is the disk hung?)",
+                self.resource
+            );
+        }
         let mut killed = HashSet::new();
         let mut last = None;
         loop {
@@ -1566,62 +868,70 @@ impl Driver for FsDriver {
     async fn monitor(&self, ctx: &OpCtx) -> Health {
         let started = Instant::now();
         let deadline = started + ctx.timeout;
-        if let Some(since) = *lock(&self.probe_busy) {
-            return Health::Failed(format!(
-                "an earlier I/O probe of {} is still stuck after {:?}: the disk may be hung",
-                self.spec.mountpoint,
-                since.elapsed()
-            ));
+        if let Some(since) = self.probes.busy_since() {
+            return self.still_stuck(since);
         }
         let ident = self.ident(left(deadline)).await;
+        let slot = match self.probes.begin() {
+            Ok(slot) => slot,
+            Err(since) => return self.still_stuck(since),
+        };
         let spec_mp = self.spec.mountpoint.clone();
         let want_rw = !self.readonly();
-        *lock(&self.probe_busy) = Some(started);
-        let slot = ClearOnDrop(Arc::clone(&self.probe_busy));
+        // The mount table on a helper thread (bounded even if reading it
+        // blocks); the slot comes back with the answer, or stays with a
+        // stuck thread.
         let check = move || {
-            let _slot = slot;
             let mp = mountpoint_key(&spec_mp);
             let entries = match read_mountinfo() {
                 Ok(e) => e,
-                Err(e) => return Health::Failed(e),
+                Err(e) => return (slot, Err(Health::Failed(e))),
             };
-            match mount_state(&entries, &mp, &ident) {
+            let verdict = match mount_state(&entries, &mp, &ident) {
                 MountState::Mounted(m) => {
                     if want_rw && m.read_only() {
-                        return Health::Failed(format!(
+                        Err(Health::Failed(format!(
                             "{} at {mp} has been remounted read-only (filesystem errors?)",
                             ident.describe()
-                        ));
-                    }
-                    match io_probe(Path::new(&mp), m.read_only()) {
-                        Ok(()) => Health::Running,
-                        Err(e) => Health::Failed(e),
+                        )))
+                    } else {
+                        Ok((mp, m.read_only()))
                     }
                 }
-                MountState::NotMounted => {
-                    Health::Failed(format!("{} is not mounted at {mp} any more", ident.describe()))
-                }
-                MountState::Other { top, .. } => Health::Failed(format!(
+                MountState::NotMounted => Err(Health::Failed(format!(
+                    "{} is not mounted at {mp} any more",
+                    ident.describe()
+                ))),
+                MountState::Other { top, .. } => Err(Health::Failed(format!(
                     "{mp} now holds another filesystem ({} from {}) instead of {}",
                     top.fstype,
                     top.source,
                     ident.describe()
-                )),
-                MountState::Elsewhere(es) => Health::Failed(format!(
+                ))),
+                MountState::Elsewhere(es) => Err(Health::Failed(format!(
                     "{} is not mounted at {mp} any more (it is mounted at {})",
                     ident.describe(),
                     es.iter().map(|e| e.mountpoint.as_str()).collect::<Vec<_>>().join(", ")
-                )),
-            }
+                ))),
+            };
+            (slot, verdict)
         };
-        let budget = left(deadline);
-        match run_blocking("us-fs-probe", budget, check).await {
-            Ok(h) => h,
-            Err(BlockingError::TimedOut(_)) => Health::Failed(format!(
+        let timed_out = || {
+            Health::Failed(format!(
                 "I/O probe timed out after {:?} ({}): the disk may be hung",
                 ctx.timeout, self.spec.mountpoint
-            )),
-            Err(e) => Health::Failed(format!("the I/O probe of {} {e}", self.spec.mountpoint)),
+            ))
+        };
+        let (slot, (mp, readonly)) = match run_blocking("us-fs-probe", left(deadline), check).await {
+            Ok((_, Err(h))) => return h,
+            Ok((slot, Ok(found))) => (slot, found),
+            Err(BlockingError::TimedOut(_)) => return timed_out(),
+            Err(e) => return Health::Failed(format!("the I/O probe of {} {e}", self.spec.mountpoint)),
+        };
+        match probe::run(&self.probes, slot, ctx, &self.resource, &mp, readonly, deadline).await {
+            probe::Outcome::Passed => Health::Running,
+            probe::Outcome::Failed(why) => Health::Failed(why),
+            probe::Outcome::TimedOut => timed_out(),
         }
     }
 
@@ -1650,65 +960,6 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
-    fn entry(line: &str) -> MountEntry {
-        parse_mountinfo_line(line).unwrap()
-    }
-
-    #[test]
-    fn parses_mountinfo_lines() {
-        let e = entry("36 35 98:0 /mnt1 /mnt/par\\040ent rw,noatime master:1 - ext3 /dev/root rw,errors=continue");
-        assert_eq!(e.id, 36);
-        assert_eq!(e.parent, 35);
-        assert_eq!(e.dev, makedev(98, 0));
-        assert_eq!(e.mountpoint, "/mnt/par ent");
-        assert_eq!(e.fstype, "ext3");
-        assert_eq!(e.source, "/dev/root");
-        assert!(!e.read_only());
-        let ro = entry("40 1 7:3 / /srv/x ro,relatime shared:5 - ext4 /dev/loop3 ro");
-        assert!(ro.read_only());
-        assert_eq!(unescape("a\\134b\\011"), "a\\b\t");
-        assert_eq!(unescape("trailing\\04"), "trailing\\04");
-        assert!(parse_mountinfo_line("garbage").is_none());
-    }
-
-    #[test]
-    fn classifies_the_mount_table() {
-        let ours = Device {
-            path: PathBuf::from("/dev/loop3"),
-            rdev: makedev(7, 3),
-        };
-        let id = Ident::Device(ours);
-        let root = "1 0 253:0 / / rw - ext4 /dev/vda rw";
-        let at = "40 1 7:3 / /srv/x rw - ext4 /dev/loop3 rw";
-        let other = "41 1 0:50 / /srv/x rw - tmpfs tmpfs rw";
-        let on_top = "42 40 0:51 / /srv/x rw - tmpfs tmpfs rw";
-        let elsewhere = "43 1 7:3 / /srv/y rw - ext4 /dev/loop3 rw";
-        let t = |lines: &[&str]| parse_mountinfo(&lines.join("\n"));
-        assert!(matches!(mount_state(&t(&[root, at]), "/srv/x", &id), MountState::Mounted(e) if e.id == 40));
-        assert_eq!(mount_state(&t(&[root]), "/srv/x", &id), MountState::NotMounted);
-        assert!(matches!(
-            mount_state(&t(&[root, other]), "/srv/x", &id),
-            MountState::Other {
-                ours_beneath: false,
-                ..
-            }
-        ));
-        assert!(matches!(
-            mount_state(&t(&[root, at, on_top]), "/srv/x", &id),
-            MountState::Other { ours_beneath: true, .. }
-        ));
-        assert!(matches!(mount_state(&t(&[root, elsewhere]), "/srv/x", &id), MountState::Elsewhere(v) if v.len() == 1));
-        let by_type = Ident::FsType("ext4".into());
-        assert!(matches!(
-            mount_state(&t(&[root, at]), "/srv/x", &by_type),
-            MountState::Mounted(_)
-        ));
-        assert_eq!(
-            mount_state(&t(&[root, elsewhere]), "/srv/x", &by_type),
-            MountState::NotMounted
-        );
-    }
-
     #[test]
     fn translates_mount_options() {
         let opts = |v: &[&str]| mount_options(&v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
@@ -1732,49 +983,6 @@ mod tests {
         let (f, d) = opts(&["ro", "rw", "sync"]);
         assert_eq!(f, MsFlags::MS_SYNCHRONOUS);
         assert_eq!(d, "");
-    }
-
-    #[test]
-    fn fsck_exit_codes() {
-        assert_eq!(fsck_verdict(0), FsckVerdict::Clean);
-        assert_eq!(fsck_verdict(1), FsckVerdict::Fixed);
-        assert_eq!(fsck_verdict(2), FsckVerdict::RebootAdvised);
-        assert_eq!(fsck_verdict(3), FsckVerdict::RebootAdvised);
-        for c in [4, 5, 8, 12, 16, 32, 128] {
-            assert_eq!(fsck_verdict(c), FsckVerdict::Refuse, "{c}");
-        }
-        assert_eq!(fsck_meaning(0), "no errors");
-        assert_eq!(fsck_meaning(12), "errors left uncorrected, operational error");
-    }
-
-    #[test]
-    fn marker_round_trip() {
-        let m = Marker {
-            token: 42,
-            node: "node1".into(),
-            group: "g".into(),
-            resource: "shared".into(),
-            time: "2025-01-01T12:00:00Z".into(),
-        };
-        assert_eq!(Marker::parse(&m.render()).unwrap(), m);
-        assert!(Marker::parse("# nothing\nnode=x\n").is_err());
-        assert!(Marker::parse("token=abc\n").is_err());
-        assert!(Marker::parse("token 5\n").is_err());
-        assert_eq!(Marker::parse("token=7\nfuture=1\n").unwrap().token, 7);
-    }
-
-    #[test]
-    fn paths() {
-        assert!(under("/srv/x", "/srv/x"));
-        assert!(under("/srv/x/a", "/srv/x"));
-        assert!(!under("/srv/xy", "/srv/x"));
-        assert!(!under("/srv", "/srv/x"));
-        assert_eq!(
-            mountpoint_key("/nonexistent-understudy/a/../b/"),
-            "/nonexistent-understudy/b"
-        );
-        assert_eq!(parse_hex_dev("fd:01"), Some(makedev(0xfd, 1)));
-        assert_eq!(link_path(Path::new("/a/b (deleted)")), "/a/b");
     }
 
     /// A closure that blocks (like a syscall on a hung disk) is abandoned
