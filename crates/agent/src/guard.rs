@@ -59,7 +59,9 @@ pub enum GuardHealth {
 }
 
 /// The order a restarted guard is told what its predecessor knew.
-const WORDS: [&str; 7] = [
+const WORDS: [&str; 9] = [
+    "config",
+    "session",
     "node-cgroup",
     "cgroups",
     "pgids",
@@ -190,6 +192,23 @@ impl Guard {
         self.send(&format!("node-cgroup {}\n", escape(dir)));
     }
 
+    /// The cluster definition, so the guard can revoke the agent's session
+    /// (`understudy revoke-session`) once it has taken everything away.
+    pub fn set_config(&self, path: &Path) {
+        self.send(&format!("config {}\n", escape(&path.to_string_lossy())));
+    }
+
+    /// The agent's current session lease.
+    pub fn set_session(&self, lease: i64) {
+        self.send(&format!("session {lease}\n"));
+    }
+
+    /// The agent ended its session itself (an orderly exit): nothing for
+    /// the guard to revoke.
+    pub fn clear_session(&self) {
+        self.send("session -\n");
+    }
+
     /// The process groups of owned resources, replacing the previous list.
     pub fn set_pgids(&self, pgids: &[i32]) {
         let list: Vec<String> = pgids.iter().map(i32::to_string).collect();
@@ -240,9 +259,9 @@ impl Held {
     /// filesystems (they are no longer busy once their users are dead) and
     /// removes the addresses, so a taken-over disk and address are no longer
     /// used here; last it stops the units, so systemd does not restart them.
-    fn fire(&mut self, why: &str, report: Option<&Path>) {
+    fn fire(&mut self, why: &str, report: Option<&Path>, revoke: Option<(&str, i64)>) {
         // Cgroups first: nothing in them can fork away while they die.
-        let cgroups_killed = kill_cgroups(&self.cgroups);
+        let (cgroups_killed, cgroups_emptied) = kill_cgroups(&self.cgroups);
         kill_all(&self.pgids);
         // A unit's processes may live in a mount namespace of their own
         // (PrivateTmp=, ProtectSystem=), out of reach of the scan below.
@@ -272,6 +291,18 @@ impl Held {
         }
         // `stop` also cancels a restart systemd may have queued after the kill.
         let stopped_units = systemctl_all("stop", &[], &self.units, UNIT_STOP_WAIT);
+        // Everything is gone only if every cgroup emptied, every mount was
+        // really unmounted and every address and unit went: only then may
+        // the session end before its TTL (peers take over at once).
+        let all_gone = cgroups_emptied
+            && detached.is_empty()
+            && unmounted.len() == self.mounts.len()
+            && removed.len() == self.addresses.len()
+            && stopped_units.len() == self.units.len();
+        let session_revoked = match revoke {
+            Some((config, lease)) if all_gone => revoke_session(config, lease).then_some(lease),
+            _ => None,
+        };
         let held = std::mem::take(self);
         let r = Report {
             at: clock::wall().as_millis(),
@@ -284,6 +315,7 @@ impl Held {
             detached_lazily: detached,
             addresses_removed: removed,
             units_stopped: stopped_units,
+            session_revoked,
         };
         eprintln!(
             "{} understudy fence-guard: {}",
@@ -318,6 +350,10 @@ pub struct Report {
     pub detached_lazily: Vec<String>,
     pub addresses_removed: Vec<String>,
     pub units_stopped: Vec<String>,
+    /// The agent's session, revoked after everything was taken away (the
+    /// agent died): its groups were free at once, not a TTL later.
+    #[serde(default)]
+    pub session_revoked: Option<i64>,
 }
 
 impl Report {
@@ -333,6 +369,7 @@ impl Report {
             list("detached lazily (still busy)", &self.detached_lazily),
             list("removed addresses", &self.addresses_removed),
             list("stopped units", &self.units_stopped),
+            self.session_revoked.map(|l| format!("revoked session lease {l}")),
         ];
         let done: Vec<String> = parts.into_iter().flatten().collect();
         if done.is_empty() {
@@ -501,6 +538,8 @@ pub fn run(report: Option<&Path>) -> io::Result<()> {
     let mut deadline: Option<u64> = None;
     let mut held = Held::default();
     let mut node_cgroup: Option<String> = None;
+    let mut config: Option<String> = None;
+    let mut session: Option<i64> = None;
     let mut pending: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -512,6 +551,7 @@ pub fn run(report: Option<&Path>) -> io::Result<()> {
             held.fire(
                 &format!("lease deadline passed {} ms ago without renewal", now - d),
                 report,
+                None,
             );
         }
         let wait_ms = match deadline {
@@ -538,8 +578,9 @@ pub fn run(report: Option<&Path>) -> io::Result<()> {
             {
                 held.cgroups.push(dir);
             }
-            if !held.is_empty() {
-                held.fire("the agent is gone", report);
+            let revoke = config.as_deref().zip(session);
+            if !held.is_empty() || revoke.is_some() {
+                held.fire("the agent is gone", report, revoke);
             }
             return Ok(());
         }
@@ -552,6 +593,8 @@ pub fn run(report: Option<&Path>) -> io::Result<()> {
                 Some("deadline") => deadline = words.next().and_then(|w| w.parse().ok()),
                 Some("cgroups") => held.cgroups = words.map(unescape).collect(),
                 Some("node-cgroup") => node_cgroup = words.next().map(unescape),
+                Some("config") => config = words.next().map(unescape),
+                Some("session") => session = words.next().and_then(|w| w.parse().ok()),
                 Some("pgids") => held.pgids = words.filter_map(|w| w.parse().ok()).collect(),
                 Some("units") => held.units = words.map(unescape).collect(),
                 Some("mounts") => held.mounts = words.map(unescape).collect(),
@@ -627,7 +670,7 @@ const CGROUP_WAIT: Duration = Duration::from_secs(2);
 
 /// Kills every cgroup in `dirs` that holds processes (all at once, then
 /// waits for them together, at most [`CGROUP_WAIT`]); returns those.
-fn kill_cgroups(dirs: &[String]) -> Vec<String> {
+fn kill_cgroups(dirs: &[String]) -> (Vec<String>, bool) {
     use understudy_drivers::cgroup;
     let held: Vec<&String> = dirs.iter().filter(|d| cgroup::populated(Path::new(d))).collect();
     for d in &held {
@@ -636,14 +679,38 @@ fn kill_cgroups(dirs: &[String]) -> Vec<String> {
         }
     }
     let deadline = Instant::now() + CGROUP_WAIT;
+    let mut all = true;
     for d in &held {
         let left = deadline.saturating_duration_since(Instant::now());
         let (_, emptied) = cgroup::kill_and_wait(Path::new(d), left);
         if !emptied {
+            all = false;
             eprintln!("understudy fence-guard: the cgroup {d} still holds processes after SIGKILL");
         }
     }
-    held.into_iter().cloned().collect()
+    (held.into_iter().cloned().collect(), all)
+}
+
+/// How long the guard gives `understudy revoke-session`.
+const REVOKE_WAIT: Duration = Duration::from_secs(2);
+
+/// Revokes the dead agent's session lease through `understudy
+/// revoke-session` (this very binary), bounded in time. True when it did.
+fn revoke_session(config: &str, lease: i64) -> bool {
+    let Ok(exe) = std::env::current_exe() else {
+        return false;
+    };
+    let deadline = Instant::now() + REVOKE_WAIT;
+    run_bounded(
+        Command::new(exe)
+            .arg("revoke-session")
+            .arg("--config")
+            .arg(config)
+            .arg("--lease")
+            .arg(lease.to_string()),
+        deadline,
+    )
+    .is_some()
 }
 
 fn kill_all(pgids: &[i32]) {

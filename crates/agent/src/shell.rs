@@ -47,6 +47,9 @@ pub struct AgentOptions {
     pub state_dir: PathBuf,
     /// The `understudy` binary, for the fence guard.
     pub guard_exe: PathBuf,
+    /// The definition's path: the fence guard revokes a dead agent's
+    /// session through it (`None`: the session just expires).
+    pub config: Option<PathBuf>,
     pub keys: Keys,
 }
 
@@ -166,6 +169,9 @@ pub async fn run(opts: AgentOptions, coord: Arc<dyn Coordinator>) -> Result<()> 
     tracing::info!(pid = guard.pid(), "fence guard started");
     if let Some(c) = &cgroups {
         guard.set_node_cgroup(&c.node_dir().to_string_lossy());
+    }
+    if let Some(config) = &opts.config {
+        guard.set_config(config);
     }
     let owned: HashSet<String> = opts
         .spec
@@ -324,6 +330,7 @@ pub async fn run(opts: AgentOptions, coord: Arc<dyn Coordinator>) -> Result<()> 
     // Let the journal's last entries reach the coordinator.
     drop(shell.ordered);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    shell.guard.clear_session();
     if let Some(lease) = shell.lease
         && let Err(e) = shell.coord.revoke(lease).await
     {
@@ -429,6 +436,7 @@ impl Shell {
             } if self.guarded.remove(resource).is_some() => self.update_guard(),
             Event::SessionOpened { lease, .. } => {
                 self.lease = Some(*lease);
+                self.guard.set_session(*lease);
                 // After a crash (this is a new run) or a stall (the session
                 // was lost), the guard may have fired: say so in the journal.
                 self.journal_guard_reports();

@@ -58,6 +58,8 @@ pub fn load_checked(path: &Path) -> Result<Option<ClusterSpec>> {
 
 /// A checked definition and its directory, before connecting to anything.
 pub struct Definition {
+    /// Where the definition was read from.
+    pub path: PathBuf,
     pub spec: ClusterSpec,
     pub base_dir: PathBuf,
     pub keys: Keys,
@@ -92,7 +94,12 @@ pub fn load(explicit: Option<&Path>) -> Result<Definition> {
         CoordinatorSpec::Embedded { .. } => Keys::new("/understudy", &spec.name),
         CoordinatorSpec::Etcd(etcd) => Keys::new(&etcd.prefix, &spec.name),
     };
-    Ok(Definition { spec, base_dir, keys })
+    Ok(Definition {
+        path,
+        spec,
+        base_dir,
+        keys,
+    })
 }
 
 impl Definition {

@@ -137,6 +137,15 @@ enum Command {
     },
     /// Run a local 3-node demo cluster until Ctrl-C.
     Demo,
+    /// Internal: the fence guard revokes a dead agent's session with this,
+    /// once it has taken everything away.
+    #[command(hide = true)]
+    RevokeSession {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        lease: i64,
+    },
     /// Internal: the fence guard process started by each agent.
     #[command(hide = true)]
     FenceGuard {
@@ -171,6 +180,12 @@ fn main() -> ExitCode {
             join_new_store,
         } => agent(config, node, state_dir, join_new_store),
         Command::Sweep { node, state_dir } => sweep(&node, state_dir),
+        Command::RevokeSession { config, lease } => with_cluster(config, |c| async move {
+            tokio::time::timeout(c.spec.settings.lease_ttl, c.coord.revoke(lease))
+                .await
+                .context("the coordinator did not answer in time")?
+                .context("cannot revoke the session")
+        }),
         Command::Status { config, json, watch } => {
             with_cluster(config, |c| async move { status::run(&c, json, watch).await })
         }
@@ -242,6 +257,7 @@ fn agent(config: Option<PathBuf>, node: String, state_dir: Option<PathBuf>, join
             base_dir: cluster.base_dir,
             state_dir,
             guard_exe: std::env::current_exe().context("cannot find the understudy binary")?,
+            config: Some(definition.path.clone()),
             keys: cluster.keys,
         };
         understudy_agent::run(opts, Arc::clone(&cluster.coord)).await

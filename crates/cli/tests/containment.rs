@@ -171,6 +171,26 @@ async fn workers_that_left_their_session_die_with_a_killed_agent() {
         "the dead owner's worker still runs while {new_owner} runs the group"
     );
     wait_dead(&workers.0[1..], "the dead agent's clone worker");
+    // Having taken everything away, the guard revoked the dead agent's
+    // session (so the group moved at once): its report says so once the
+    // agent is back.
+    c.agents.reap();
+    c.agents.start(&owner).unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let journal = c.journal().await;
+        if let Some(e) = journal
+            .iter()
+            .find(|e| e.node == owner && e.entry.kind == EntryKind::GuardFired)
+        {
+            assert!(e.entry.message.contains("the agent is gone"), "{}", e.entry.message);
+            assert!(e.entry.message.contains("revoked session lease"), "{}", e.entry.message);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no guard report\n{}", c.logs());
+        // The journal has no watch: poll it, bounded by the deadline above.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "current_thread")]

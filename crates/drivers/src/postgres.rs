@@ -353,15 +353,20 @@ impl PostgresDriver {
     /// Before a start, with nothing of ours running: clears what would stop
     /// PostgreSQL from starting (see the module docs).
     async fn clear_leftovers(&self, log: &mut Log) -> Result<(), String> {
-        match self.server() {
-            Server::Running { .. } | Server::Down => {}
-            Server::Orphans(pids) => {
-                log.header(&format!(
-                    "{}: killing postgres processes {pids:?} left without their postmaster",
-                    self.resource
-                ));
-                self.kill_all(None).await?;
-            }
+        let mut state = self.server();
+        if let Server::Orphans(pids) = &state {
+            log.header(&format!(
+                "{}: killing postgres processes {pids:?} left without their postmaster",
+                self.resource
+            ));
+            self.kill_all(None).await?;
+            // The pid file is still there, naming the dead postmaster (a
+            // zombie until someone reaps it, which PostgreSQL takes for a
+            // live server): look again.
+            state = self.server();
+        }
+        match state {
+            Server::Running { .. } | Server::Down | Server::Orphans(_) => {}
             Server::Stale { pid } => {
                 if pid.is_none_or(proc_exists) {
                     let text = fs::read_to_string(self.pid_file()).unwrap_or_default();
